@@ -1,0 +1,438 @@
+#!/usr/bin/env python3
+"""Bring up, show and tear down the lab: real Debian 13 hosts on one machine.
+
+Each lab host is a systemd container on a dedicated Docker network with a fixed
+address, reached by Ansible over SSH with a generated key, exactly like a server.
+The host image is built locally with debootstrap (no image registry is needed)
+and rebuilt only when its recipe changes.
+
+GPU nodes carry test fixtures that stand in for hardware this machine does not
+have: an ``nvidia-smi`` that replays recorded output of an 8×H100 server and a
+CDI spec naming those devices.  The roles never know the difference.
+
+Usage::
+
+    labctl.py image                 # build the host image if its recipe changed
+    labctl.py up [--lab NAME]       # hosts from inventories/lab (or --host ...)
+    labctl.py status [--lab NAME]
+    labctl.py down [--lab NAME | --all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LAB_DIR = ROOT / "lab"
+STATE_ROOT = ROOT / ".lab"
+LAB_INVENTORY = ROOT / "inventories" / "lab" / "hosts.yml"
+# Recorded nvidia-smi output of real servers; the unit tests parse the same files.
+RECORDED_GPU = ROOT / "tests" / "fixtures" / "nvidia_smi"
+LABEL = "io.aphrodite.lab"
+
+SUITE = "trixie"
+PACKAGES = (
+    "systemd,systemd-sysv,dbus,python3,python3-apt,openssh-server,iproute2,"
+    "sudo,ca-certificates,procps"
+)
+DEFAULT_SUBNET = "172.28.10.0/24"
+ADMIN_USER = "ansible"
+
+# Volumes a group of hosts needs, and where they are mounted.  Docker inside a
+# host wants its own volume (overlay2 instead of vfs); nfs-ganesha refuses to
+# export overlay or tmpfs paths.
+GROUP_VOLUMES = {
+    "gpu_nodes": "/var/lib/docker",
+    "nfs_servers": "/srv/exports",
+}
+
+
+class LabError(RuntimeError):
+    """A lab operation failed; the message says what to do."""
+
+
+@dataclass
+class Host:
+    name: str
+    address: str
+    groups: list[str] = field(default_factory=list)
+
+    @property
+    def is_gpu(self) -> bool:
+        return "gpu_nodes" in self.groups
+
+
+def run(cmd: list[str], *, check: bool = True, capture: bool = True,
+        stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, input=stdin, capture_output=capture, check=False)
+    if check and proc.returncode != 0:
+        err = proc.stderr.decode(errors="replace").strip() if capture else ""
+        raise LabError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}): {err}")
+    return proc
+
+
+def docker(*args: str, check: bool = True) -> str:
+    return run(["docker", *args], check=check).stdout.decode().strip()
+
+
+# --------------------------------------------------------------------------- image
+def apt_mirror() -> str:
+    """The Debian mirror this machine uses; never written into the repository."""
+    candidates = [Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")]
+    candidates += sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
+    candidates += sorted(Path("/etc/apt/sources.list.d").glob("*.list"))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        for match in re.finditer(r"^(?:URIs:\s*|deb\s+(?:\[[^]]*\]\s+)?)(\S+/debian)/?\s*$", text, re.M):
+            return match.group(1)
+        for match in re.finditer(r"^(?:URIs:\s*|deb\s+(?:\[[^]]*\]\s+)?)(\S+/debian)/?\s", text, re.M):
+            return match.group(1)
+    raise LabError("no Debian mirror found in /etc/apt/sources.list*; the lab image needs one")
+
+
+def recipe_digest(parts: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:12]
+
+
+def image_exists(ref: str) -> bool:
+    return run(["docker", "image", "inspect", ref], check=False).returncode == 0
+
+
+def build_base(mirror: str) -> str:
+    tag = "aphrodite-lab-base:" + recipe_digest([SUITE.encode(), PACKAGES.encode(), b"minbase"])
+    if image_exists(tag):
+        return tag
+    if shutil.which("debootstrap") is None:
+        raise LabError("debootstrap is missing: run scripts/bootstrap.sh (apt-get install debootstrap)")
+    print(f"lab: debootstrapping Debian {SUITE} (about 80 s) -> {tag}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="aphrodite-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, str(rootfs), mirror])
+        # Drop the apt lists and caches the bootstrap left: hosts refresh their own.
+        for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for entry in (rootfs / sub).glob("*"):
+                if entry.is_file():
+                    entry.unlink()
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        imp = subprocess.run(["docker", "import", "-c", 'CMD ["/sbin/init"]', "-", tag],
+                             stdin=tar.stdout, capture_output=True, check=False)
+        tar.wait()
+        if imp.returncode != 0 or tar.returncode != 0:
+            raise LabError(f"docker import failed: {imp.stderr.decode().strip()}")
+    return tag
+
+
+def host_image_files() -> list[Path]:
+    return sorted(p for p in (LAB_DIR / "image").iterdir() if p.is_file())
+
+
+def build_image() -> str:
+    """Build (or reuse) the lab host image; returns its tag."""
+    base = build_base(apt_mirror())
+    files = host_image_files()
+    tag = "aphrodite-lab-host:" + recipe_digest([base.encode()] + [p.name.encode() + p.read_bytes() for p in files])
+    if image_exists(tag):
+        return tag
+    print(f"lab: building host image {tag}", flush=True)
+    proc = run(["docker", "build", "-q", "--build-arg", f"BASE={base}", "-t", tag, str(LAB_DIR / "image")],
+               check=False)
+    if proc.returncode != 0:
+        raise LabError("docker build of the lab host image failed:\n" + proc.stderr.decode())
+    return tag
+
+
+# --------------------------------------------------------------------------- hosts
+def inventory_hosts() -> tuple[list[Host], str]:
+    """Hosts, their groups and the subnet declared by inventories/lab."""
+    import yaml  # from the virtualenv (ansible depends on PyYAML)
+
+    data = yaml.safe_load(LAB_INVENTORY.read_text())
+    hosts: dict[str, Host] = {}
+
+    def walk(group: str, node: dict) -> None:
+        node = node or {}
+        for name, hvars in (node.get("hosts") or {}).items():
+            host = hosts.setdefault(name, Host(name=name, address=""))
+            if hvars and hvars.get("ansible_host"):
+                host.address = hvars["ansible_host"]
+            if group != "all" and group not in host.groups:
+                host.groups.append(group)
+        for child, sub in (node.get("children") or {}).items():
+            walk(child, sub)
+
+    walk("all", data["all"])
+    subnet = (data["all"].get("vars") or {}).get("lab_subnet", DEFAULT_SUBNET)
+    missing = [h.name for h in hosts.values() if not h.address]
+    if missing:
+        raise LabError(f"{LAB_INVENTORY}: give {', '.join(missing)} an ansible_host address in {subnet}")
+    return list(hosts.values()), subnet
+
+
+def parse_host_args(specs: list[str], subnet: str) -> list[Host]:
+    """``NAME[:GROUP[,GROUP]]`` -> hosts with addresses .11, .12, ... of the subnet."""
+    net = ipaddress.ip_network(subnet)
+    hosts = []
+    for offset, spec in enumerate(specs, start=11):
+        name, _, groups = spec.partition(":")
+        group_list = [g for g in groups.split(",") if g]
+        hosts.append(Host(name=name, address=str(net.network_address + offset), groups=group_list))
+    return hosts
+
+
+def lab_names(lab: str) -> dict[str, str]:
+    return {"network": f"aphrodite-{lab}", "state": str(STATE_ROOT / lab)}
+
+
+def ensure_key() -> Path:
+    key = STATE_ROOT / "ssh" / "id_ed25519"
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "aphrodite-lab", "-f", str(key)])
+    return key
+
+
+def ensure_network(name: str, subnet: str) -> None:
+    if run(["docker", "network", "inspect", name], check=False).returncode == 0:
+        return
+    net = ipaddress.ip_network(subnet)
+    # Docker hands out addresses only from the upper half: pinned hosts and the
+    # keepalived VIP live in the lower half, where Docker never allocates.
+    upper = list(net.subnets(prefixlen_diff=1))[1]
+    docker("network", "create", "--driver", "bridge", "--subnet", subnet, "--ip-range", str(upper),
+           "--label", f"{LABEL}={name}", name)
+
+
+def container_state(name: str) -> str | None:
+    proc = run(["docker", "inspect", "-f", "{{.State.Status}}", name], check=False)
+    return proc.stdout.decode().strip() if proc.returncode == 0 else None
+
+
+def start_host(lab: str, host: Host, image: str, network: str, key: Path) -> bool:
+    """Create and start one host container; returns True when it was created."""
+    state = container_state(host.name)
+    if state == "running":
+        return False
+    if state is not None:
+        docker("start", host.name)
+        return False
+    cmd = [
+        "run", "-d", "--name", host.name, "--hostname", host.name,
+        "--network", network, "--ip", host.address,
+        "--label", f"{LABEL}={lab}",
+        "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+        "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
+        "--security-opt", "systempaths=unconfined",
+        "--cgroupns", "host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
+        "--tmpfs", "/run", "--tmpfs", "/run/lock", "--tmpfs", "/tmp",
+        "-v", f"{key}.pub:/home/{ADMIN_USER}/.ssh/authorized_keys:ro",
+    ]
+    for group, path in GROUP_VOLUMES.items():
+        if group in host.groups:
+            volume = f"aphrodite-{lab}-{host.name}-{path.strip('/').replace('/', '-')}"
+            cmd += ["--mount", f"type=volume,src={volume},dst={path},volume-label={LABEL}={lab}"]
+    if host.is_gpu:
+        gpu = LAB_DIR / "fixtures" / "gpu"
+        cmd += ["-v", f"{RECORDED_GPU}:/usr/local/share/lab-gpu/recorded:ro",
+                "-v", f"{gpu / 'nvidia-smi'}:/usr/local/bin/nvidia-smi:ro",
+                "-v", f"{gpu / 'cdi-lab.yaml'}:/etc/cdi/lab-gpus.yaml:ro"]
+    docker(*cmd, image, "/sbin/init")
+    return True
+
+
+def wait_ssh(hosts: list[Host], timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    pending = {h.name: h for h in hosts}
+    while pending and time.monotonic() < deadline:
+        for name, host in list(pending.items()):
+            try:
+                with socket.create_connection((host.address, 22), timeout=1) as sock:
+                    if sock.recv(64).startswith(b"SSH-"):
+                        del pending[name]
+            except OSError:
+                pass
+        if pending:
+            time.sleep(0.5)
+    if pending:
+        raise LabError(f"no SSH banner from {', '.join(pending)} after {timeout:.0f} s; "
+                       f"see `docker logs {next(iter(pending))}`")
+
+
+def write_known_hosts(state: Path, hosts: list[Host]) -> Path:
+    """Record each host's freshly generated key so SSH can check it strictly."""
+    known = state / "known_hosts"
+    lines = []
+    for host in hosts:
+        proc = run(["ssh-keyscan", "-T", "5", "-t", "ed25519", host.address], check=False)
+        found = [l for l in proc.stdout.decode().splitlines() if l and not l.startswith("#")]
+        if not found:
+            raise LabError(f"ssh-keyscan got no key from {host.name} ({host.address})")
+        lines += found
+        lines += [l.replace(host.address, host.name, 1) for l in found]
+    known.write_text("\n".join(lines) + "\n")
+    return known
+
+
+def wait_running(hosts: list[Host], timeout: float = 60.0) -> None:
+    """Wait until systemd in every host says running (or degraded, reported)."""
+    deadline = time.monotonic() + timeout
+    for host in hosts:
+        while True:
+            proc = run(["docker", "exec", host.name, "systemctl", "is-system-running"], check=False)
+            status = proc.stdout.decode().strip()
+            if status in ("running", "degraded"):
+                if status == "degraded":
+                    failed = docker("exec", host.name, "systemctl", "--failed", "--no-legend", "--plain")
+                    print(f"lab: warning: {host.name} is degraded:\n{failed}", file=sys.stderr)
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"{host.name}: systemd still '{status}' after {timeout:.0f} s")
+            time.sleep(0.5)
+
+
+def up(lab: str, hosts: list[Host], subnet: str) -> dict:
+    image = build_image()
+    names = lab_names(lab)
+    state = Path(names["state"])
+    state.mkdir(parents=True, exist_ok=True)
+    key = ensure_key()
+    ensure_network(names["network"], subnet)
+    created = [h for h in hosts if start_host(lab, h, image, names["network"], key)]
+    wait_running(hosts)
+    wait_ssh(hosts)
+    known = write_known_hosts(state, hosts)
+    info = {
+        "lab": lab, "network": names["network"], "subnet": subnet, "image": image,
+        "ssh_user": ADMIN_USER, "ssh_key": str(key), "known_hosts": str(known),
+        "hosts": [{"name": h.name, "address": h.address, "groups": h.groups} for h in hosts],
+        "created": [h.name for h in created],
+    }
+    (state / "lab.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def write_instance_config(path: Path, info: dict) -> None:
+    """Molecule's delegated driver reads how to reach each instance from here."""
+    import yaml
+
+    instances = [{"instance": h["name"], "address": h["address"], "user": info["ssh_user"],
+                  "port": 22, "identity_file": info["ssh_key"]} for h in info["hosts"]]
+    path.write_text(yaml.safe_dump(instances, sort_keys=False))
+    path.chmod(0o600)
+
+
+def lab_containers(lab: str | None) -> list[str]:
+    flt = f"label={LABEL}" + (f"={lab}" if lab else "")
+    out = docker("ps", "-a", "--filter", flt, "--format", "{{.Names}}")
+    return [line for line in out.splitlines() if line]
+
+
+def down(lab: str | None) -> None:
+    """Remove hosts (nested containers first), volumes, networks and state."""
+    for name in lab_containers(lab):
+        if container_state(name) == "running":
+            # Nested engine containers first: removed with their host they leave
+            # empty cgroup directories behind on this machine.
+            run(["docker", "exec", name, "sh", "-c",
+                 "command -v docker >/dev/null && systemctl is-active -q docker "
+                 "&& docker ps -aq | xargs -r docker rm -f; true"], check=False)
+        docker("rm", "-f", "-v", name)
+    flt = f"label={LABEL}" + (f"={lab}" if lab else "")
+    for vol in docker("volume", "ls", "-q", "--filter", flt).splitlines():
+        docker("volume", "rm", vol)
+    for net in docker("network", "ls", "-q", "--filter", flt).splitlines():
+        docker("network", "rm", net)
+    if lab:
+        shutil.rmtree(STATE_ROOT / lab, ignore_errors=True)
+    else:
+        for entry in STATE_ROOT.glob("*"):
+            if entry.name != "ssh":
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def status(lab: str | None) -> int:
+    names = lab_containers(lab)
+    if not names:
+        print("lab: no hosts" + (f" in lab {lab!r}" if lab else ""))
+        return 1
+    print(f"{'HOST':10} {'LAB':16} {'ADDRESS':15} {'CONTAINER':10} SYSTEMD")
+    for name in sorted(names):
+        fmt = ('{{index .Config.Labels "' + LABEL + '"}} '
+               '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}} {{.State.Status}}')
+        lab_name, address, cstate = docker("inspect", "-f", fmt, name).split(" ")
+        sysd = "-"
+        if cstate == "running":
+            sysd = run(["docker", "exec", name, "systemctl", "is-system-running"],
+                       check=False).stdout.decode().strip()
+        print(f"{name:10} {lab_name:16} {address:15} {cstate:10} {sysd}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("image", help="build the host image if its recipe changed")
+    p_up = sub.add_parser("up", help="start hosts and wait until SSH answers")
+    p_up.add_argument("--lab", default="lab")
+    p_up.add_argument("--subnet", help="defaults to lab_subnet from inventories/lab")
+    p_up.add_argument("--host", action="append", default=[], metavar="NAME[:GROUP,...]",
+                      help="hosts to start instead of those in inventories/lab")
+    p_up.add_argument("--json", action="store_true", help="print the lab description as JSON")
+    p_up.add_argument("--instance-config", metavar="PATH",
+                      help="also write Molecule's instance config (how to reach each host)")
+    p_st = sub.add_parser("status", help="list lab hosts")
+    p_st.add_argument("--lab")
+    p_down = sub.add_parser("down", help="remove hosts, volumes, networks and state")
+    grp = p_down.add_mutually_exclusive_group()
+    grp.add_argument("--lab", default="lab")
+    grp.add_argument("--all", action="store_true", help="every lab, molecule's included")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.cmd == "image":
+            print(build_image())
+        elif args.cmd == "up":
+            if args.host:
+                hosts = parse_host_args(args.host, args.subnet or DEFAULT_SUBNET)
+                subnet = args.subnet or DEFAULT_SUBNET
+            else:
+                hosts, subnet = inventory_hosts()
+                subnet = args.subnet or subnet
+            info = up(args.lab, hosts, subnet)
+            if args.instance_config:
+                write_instance_config(Path(args.instance_config), info)
+            if args.json:
+                print(json.dumps(info))
+            else:
+                for h in info["hosts"]:
+                    print(f"lab: {h['name']:8} {h['address']:15} {','.join(h['groups'])}")
+        elif args.cmd == "status":
+            return status(args.lab)
+        elif args.cmd == "down":
+            down(None if args.all else args.lab)
+    except LabError as exc:
+        print(f"labctl: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.umask(0o022)
+    sys.exit(main())
