@@ -10,7 +10,7 @@ log() { printf 'bootstrap: %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: the Docker engine, debootstrap for the host image, and
-# shellcheck/git for the linters.  Install only what is missing.
+# the linters (shellcheck) and git.  Install only what is missing.
 need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v debootstrap >/dev/null || need+=(debootstrap)

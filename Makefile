@@ -1,0 +1,52 @@
+# The two commands of the README:
+#   make lab    bring up the lab and run site.yml against it
+#   make test   the whole test suite (what .ci/run calls)
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+VENV := $(CURDIR)/.venv
+export PATH := $(VENV)/bin:$(PATH)
+export ANSIBLE_FORCE_COLOR ?= false
+export PY_COLORS ?= 0
+
+.PHONY: bootstrap lab lab-up lab-status lab-down site test unit lint sanity molecule collection clean
+
+bootstrap:
+	scripts/bootstrap.sh
+
+## Lab -------------------------------------------------------------------------
+lab: bootstrap lab-up site lab-status
+
+lab-up:
+	python lab/labctl.py up
+
+site:
+	ansible-playbook site.yml -i inventories/lab
+
+lab-status:
+	python lab/labctl.py status
+
+lab-down:
+	python lab/labctl.py down --all
+
+## Tests -----------------------------------------------------------------------
+test: bootstrap unit lint sanity molecule
+
+unit:
+	pytest -q -p no:cacheprovider tests/unit
+
+lint:
+	yamllint --strict .
+	ansible-lint --profile production
+	shellcheck scripts/*.sh .ci/run
+
+sanity:
+	scripts/sanity.sh
+
+molecule:
+	molecule test --all
+
+collection:
+	ansible-galaxy collection build --force --output-path dist .
+
+clean: lab-down
+	rm -rf dist tests/output

@@ -1,0 +1,58 @@
+"""The lab tool's pure parts: inventory reading, host specs, mirror discovery."""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+_spec = importlib.util.spec_from_file_location("labctl", ROOT / "lab" / "labctl.py")
+labctl = importlib.util.module_from_spec(_spec)
+sys.modules["labctl"] = labctl  # dataclasses look their module up while the class is made
+_spec.loader.exec_module(labctl)
+
+
+def test_lab_inventory_has_the_five_hosts_in_their_groups() -> None:
+    hosts, subnet = labctl.inventory_hosts()
+    by_name = {h.name: h for h in hosts}
+    assert set(by_name) >= {"lb1", "lb2", "nfs1", "gpu1", "gpu2"}
+    assert by_name["nfs1"].groups == ["nfs_servers", "monitoring"]
+    assert by_name["gpu1"].is_gpu and not by_name["lb1"].is_gpu
+    net = ipaddress.ip_network(subnet)
+    lower = list(net.subnets(prefixlen_diff=1))[0]
+    for host in hosts:
+        # Pinned addresses must stay out of the half Docker allocates from.
+        assert ipaddress.ip_address(host.address) in lower, host
+    assert len({h.address for h in hosts}) == len(hosts)
+
+
+def test_host_specs_get_consecutive_addresses_and_groups() -> None:
+    hosts = labctl.parse_host_args(["a:gpu_nodes", "b:loadbalancers,monitoring", "c"], "10.9.0.0/24")
+    assert [(h.name, h.address, h.groups) for h in hosts] == [
+        ("a", "10.9.0.11", ["gpu_nodes"]),
+        ("b", "10.9.0.12", ["loadbalancers", "monitoring"]),
+        ("c", "10.9.0.13", []),
+    ]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Types: deb\nURIs: http://deb.example.org/debian\nSuites: bookworm\n", "http://deb.example.org/debian"),
+    ("deb http://mirror.example.net/debian bookworm main\n", "http://mirror.example.net/debian"),
+    ("deb [arch=amd64] http://m.example.com/debian/ bookworm main\n", "http://m.example.com/debian"),
+])
+def test_mirror_is_read_from_apt_sources(tmp_path: Path, monkeypatch, text: str, expected: str) -> None:
+    sources = tmp_path / "sources.list"
+    sources.write_text(text)
+    monkeypatch.setattr(labctl, "Path", lambda p: sources if p == "/etc/apt/sources.list" else tmp_path / "none")
+    assert labctl.apt_mirror() == expected
+
+
+def test_recipe_digest_changes_with_any_part() -> None:
+    base = labctl.recipe_digest([b"a", b"b"])
+    assert base == labctl.recipe_digest([b"a", b"b"])
+    assert base != labctl.recipe_digest([b"a", b"c"])
+    assert base != labctl.recipe_digest([b"ab"])
