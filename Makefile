@@ -32,7 +32,7 @@ lab-down:
 test: bootstrap unit lint sanity molecule
 
 unit:
-	pytest -q -p no:cacheprovider tests/unit
+	pytest -q -p no:cacheprovider tests/unit tests/integration
 
 lint:
 	yamllint --strict .
