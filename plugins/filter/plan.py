@@ -1,0 +1,93 @@
+# Copyright: aphrodite.baremetal contributors
+# Apache License 2.0 (see LICENSE)
+"""Filters exposing the fleet planner to playbooks (documented in plan_fleet.yml, host_replicas.yml)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+from ansible.utils.display import Display
+
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._plan_input import plan_inventory
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._planner import PlanError, node_argv
+
+# Per-host keys that may stand for the inventory's variable names.
+_ALIASES = {"declared": "aphrodite_gpus_declared", "gathered": "aphrodite_gpus", "address": "ansible_host"}
+_HOST_KEYS = ("aphrodite_gpus_declared", "aphrodite_gpus", "aphrodite_bind_address", "ansible_host", "ansible_facts")
+
+
+def _host_variables(hostvars: Any, hosts: list) -> dict:
+    """Copy only the variables the planner reads, so unrelated ones are never templated."""
+    result = {}
+    for host in hosts:
+        try:
+            variables = hostvars[host]
+        except KeyError:
+            continue
+        picked = {}
+        for key in _HOST_KEYS + tuple(_ALIASES):
+            try:
+                value = variables[key]
+            except (KeyError, TypeError):
+                continue
+            if key == "ansible_facts":
+                value = {"aphrodite_gpus": value.get("aphrodite_gpus")} if isinstance(value, Mapping) else None
+            picked[_ALIASES.get(key, key)] = value
+        result[host] = picked
+    return result
+
+
+def plan_fleet(models: Any, hostvars: Any, groups: Any, inventory_dir: str | None = None,
+               objective: str | None = None) -> dict:
+    """Plan ``aphrodite_models`` on the inventory's GPU hosts; see plan_fleet.yml."""
+    if not isinstance(groups, Mapping):
+        raise AnsibleFilterError("plan_fleet needs the inventory's groups as its second argument: plan_fleet(hostvars, groups)")
+    if not isinstance(hostvars, Mapping) and not hasattr(hostvars, "__getitem__"):
+        raise AnsibleFilterError("plan_fleet needs hostvars (or a mapping of host to its variables) as its first argument")
+    hosts = sorted({h for members in groups.values() for h in (members or [])})
+    try:
+        plan = plan_inventory(list(models or []), _host_variables(hostvars, hosts), dict(groups),
+                              inventory_dir, objective)
+    except PlanError as exc:
+        raise AnsibleFilterError(str(exc))
+    display = Display()
+    for note in plan.notes:
+        display.warning(note)
+    return plan.to_dict()
+
+
+def host_replicas(plan: Any, host: str) -> list:
+    """The replicas (of every model) with GPUs on ``host``, each with this node's part."""
+    if not isinstance(plan, Mapping) or "deployments" not in plan:
+        raise AnsibleFilterError("host_replicas expects the result of aphrodite.baremetal.plan_fleet")
+    result = []
+    for deployment in plan["deployments"]:
+        for replica in deployment.get("replicas", []):
+            placement = replica.get("placement", {})
+            if host not in placement:
+                continue
+            rank = list(placement).index(host)
+            try:
+                argv = node_argv(replica["argv"], rank)
+            except PlanError as exc:
+                raise AnsibleFilterError(str(exc))
+            result.append({
+                "model": deployment["model"],
+                "name": replica["name"],
+                "port": replica["port"],
+                "gpus": list(placement[host]),
+                "node_rank": rank,
+                "nnodes": len(placement),
+                "head": replica["head"],
+                "argv": argv,
+            })
+    return result
+
+
+class FilterModule:
+    """aphrodite.baremetal planner filters."""
+
+    def filters(self) -> dict:
+        return {"plan_fleet": plan_fleet, "host_replicas": host_replicas}
