@@ -1,0 +1,268 @@
+"""``aphrodite-deploy plan`` against inventories in a temporary directory: table, JSON, errors, facts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+MODELS = ROOT / "tests" / "data" / "models"
+H100 = "{count: 8, name: NVIDIA H100 80GB HBM3, memory_mib: 81559, interconnect: nvlink}"
+REPLICA_KEYS = ["argv", "head", "kv_cache_tokens", "name", "pipeline_parallel_size", "placement", "port",
+                "tensor_parallel_size", "weights_gib_per_gpu"]
+
+
+def make_inventory(root: Path, models_yaml: str, *, gpu2: str | None = None) -> Path:
+    inventory = root / "inventory"
+    (inventory / "group_vars" / "all").mkdir(parents=True)
+    (inventory / "host_vars").mkdir()
+    for name in ("llama-3.1-8b-instruct", "llama-3.1-70b-instruct", "llama-3.1-405b-instruct"):
+        shutil.copytree(MODELS / name, inventory / "models" / name)
+    (inventory / "hosts.yml").write_text(textwrap.dedent("""\
+        all:
+          children:
+            loadbalancers:
+              hosts:
+                lb1: {ansible_host: 10.0.0.9}
+            gpu_nodes:
+              hosts:
+                gpu1: {ansible_host: 10.0.0.1}
+                gpu2: {ansible_host: 10.0.0.2}
+        """))
+    (inventory / "group_vars" / "gpu_nodes.yml").write_text(f"aphrodite_gpus_declared: {H100}\n")
+    (inventory / "group_vars" / "all" / "models.yml").write_text(models_yaml)
+    # An inline-vaulted secret must neither break the plan nor reach argv.
+    (inventory / "group_vars" / "all" / "vault.yml").write_text(textwrap.dedent("""\
+        aphrodite_api_key: !vault |
+          $ANSIBLE_VAULT;1.1;AES256
+          31363764366164633061396266366630623563363963306632656161323761373366646262343361
+          6263353263366235373637653061343363656362333137380a346233346462653038303937306632
+          36623138656664633439376538616238316535356530306265376566303432353665623332626561
+          3864616435613637380a646639623038663931393838316662396162323934353865626665343566
+          3236
+        """))
+    if gpu2:
+        (inventory / "host_vars" / "gpu2.yml").write_text(gpu2)
+    return inventory
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return subprocess.run([sys.executable, "-m", "aphrodite_deploy", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+MODELS_70B_AND_8B = textwrap.dedent("""\
+    aphrodite_models:
+      - id: meta-llama/Llama-3.1-70B-Instruct
+        config: models/llama-3.1-70b-instruct/config.json
+        max_model_len: 8192
+        replicas: 2
+      - id: meta-llama/Llama-3.1-8B-Instruct
+        config: models/llama-3.1-8b-instruct/config.json
+    """)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet")
+    make_inventory(root, MODELS_70B_AND_8B, gpu2="aphrodite_gpus_declared: {count: 4, name: NVIDIA H100 80GB HBM3, "
+                                                  "memory_mib: 81559, interconnect: nvlink}\n")
+    return root
+
+
+def test_table_by_default(fleet):
+    result = run_cli(fleet, "plan", "-i", "inventory")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("REPLICA"))
+    assert header.split() == ["REPLICA", "MODEL", "TP", "PP", "GPUS", "PORT", "WEIGHTS/GPU", "KV", "TOKENS"]
+    rows = [line.split() for line in lines if line.startswith(("llama-3-1-70b-", "llama-3-1-8b-"))]
+    assert [row[0] for row in rows] == ["llama-3-1-70b-0", "llama-3-1-70b-1"] + [f"llama-3-1-8b-{i}" for i in range(8)]
+    assert rows[0][1:6] == ["meta-llama/Llama-3.1-70B-Instruct", "2", "1", "gpu1[0-1]", "2242"]
+    assert rows[-1][4] == "gpu2[3]"  # host_vars/gpu2.yml declares 4 GPUs
+    assert "Idle GPUs: gpu1: none; gpu2: none" in lines
+    assert "aphrodite run --model meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size 2" in result.stdout
+    assert result.stderr == ""
+
+
+def test_json_is_exactly_the_contract(fleet):
+    result = run_cli(fleet, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert sorted(plan) == ["deployments", "idle_gpus"]
+    assert [sorted(d) for d in plan["deployments"]] == [["model", "replicas"]] * 2
+    first = plan["deployments"][0]["replicas"][0]
+    assert sorted(first) == REPLICA_KEYS
+    assert first["name"] == "llama-3-1-70b-0" and first["head"] == "gpu1"
+    assert first["placement"] == {"gpu1": [0, 1]} and first["port"] == 2242
+    assert first["argv"][:2] == ["--model", "meta-llama/Llama-3.1-70B-Instruct"]
+    assert plan["idle_gpus"] == {"gpu1": [], "gpu2": []}
+    for deployment in plan["deployments"]:
+        for replica in deployment["replicas"]:
+            assert "--api-key" not in replica["argv"] and "$ANSIBLE_VAULT" not in " ".join(replica["argv"])
+
+
+def test_infeasible_exits_2_with_one_paragraph(tmp_path):
+    make_inventory(tmp_path, textwrap.dedent("""\
+        aphrodite_models:
+          - id: meta-llama/Llama-3.1-405B-Instruct
+            config: models/llama-3.1-405b-instruct/config.json
+            hosts: [gpu1]
+        """))
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    message = result.stderr.strip()
+    assert "\n" not in message
+    assert message.startswith("aphrodite-deploy plan: infeasible: Llama-3.1-405B-Instruct in bf16 needs 756 GiB of weights; "
+                              "gpu1 offers 1 host × 8 × 79.6 GiB × 0.92 = 586 GiB")
+    assert message.endswith("use FP8 quantization (382 GiB of weights), or add 1 more node like gpu1 (8 × NVIDIA H100 80GB HBM3).")
+
+
+def test_multi_node_plan_when_the_model_needs_both_nodes(tmp_path):
+    make_inventory(tmp_path, textwrap.dedent("""\
+        aphrodite_models:
+          - id: meta-llama/Llama-3.1-405B-Instruct
+            config: models/llama-3.1-405b-instruct/config.json
+        """))
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    replica, = json.loads(result.stdout)["deployments"][0]["replicas"]
+    assert (replica["tensor_parallel_size"], replica["pipeline_parallel_size"], replica["head"]) == (8, 2, "gpu1")
+    assert list(replica["placement"]) == ["gpu1", "gpu2"]
+    assert replica["argv"][-8:] == ["--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.1", "--master-port", "29501"]
+
+
+def gpu_facts(count: int, source: str = "nvidia-smi") -> dict:
+    return {"aphrodite_gpus": {
+        "source": source, "count": count, "mig_enabled": False, "nvswitch": False, "nvlink_groups": [list(range(count))],
+        "gpus": [{"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559 if source == "nvidia-smi" else None,
+                  "numa_node": i // 4, "compute_capability": "9.0" if source == "nvidia-smi" else None} for i in range(count)],
+    }, "ansible_hostname": "gpu1"}
+
+
+def test_gathered_facts_from_the_fact_cache_win_and_mismatches_are_reported(tmp_path):
+    make_inventory(tmp_path, MODELS_70B_AND_8B)
+    cache = tmp_path / "facts"
+    cache.mkdir()
+    (cache / "gpu1").write_text(json.dumps(gpu_facts(4)))
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json", "--fact-cache", str(cache))
+    assert result.returncode == 0, result.stderr
+    assert "warning: gpu1: aphrodite_gpus_declared.count is 8, but the host has 4 GPUs" in result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["idle_gpus"] == {"gpu1": [], "gpu2": []}
+    on_gpu1 = [g for d in plan["deployments"] for r in d["replicas"] for g in r["placement"].get("gpu1", [])]
+    assert sorted(on_gpu1) == [0, 1, 2, 3]
+    table = run_cli(tmp_path, "plan", "-i", "inventory", "--fact-cache", str(cache))
+    assert "GPU facts gathered for gpu1; declared facts for the other hosts" in table.stdout
+
+
+def test_fact_cache_defaults_to_ansible_cfg(tmp_path):
+    make_inventory(tmp_path, MODELS_70B_AND_8B)
+    (tmp_path / "ansible.cfg").write_text("[defaults]\nfact_caching = jsonfile\nfact_caching_connection = .ansible/facts\n"
+                                          "[inventory]\nignore_patterns = ^models$\n")
+    (tmp_path / ".ansible" / "facts").mkdir(parents=True)
+    (tmp_path / ".ansible" / "facts" / "gpu2").write_text(json.dumps(gpu_facts(2)))
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "gpu2: aphrodite_gpus_declared.count is 8, but the host has 2 GPUs" in result.stderr
+    ignored = run_cli(tmp_path, "plan", "-i", "inventory", "--json", "--no-fact-cache")
+    assert ignored.stderr == ""
+
+
+def test_lspci_facts_without_a_declaration_are_refused(tmp_path):
+    inventory = make_inventory(tmp_path, MODELS_70B_AND_8B)
+    (inventory / "group_vars" / "gpu_nodes.yml").write_text("{}\n")
+    (inventory / "host_vars" / "gpu1.yml").write_text(f"aphrodite_gpus_declared: {H100}\n")
+    cache = tmp_path / "facts"
+    cache.mkdir()
+    (cache / "gpu2").write_text(json.dumps(gpu_facts(8, source="lspci")))
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--fact-cache", str(cache))
+    assert result.returncode == 2
+    assert "gpu2: GPU facts come from lspci" in result.stderr
+    assert "declare aphrodite_gpus_declared for gpu2 or install the NVIDIA driver first" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["plan", "-i", "no-such-inventory"], "inventory no-such-inventory does not exist"),
+        (["plan", "-i", "inventory", "--fact-cache", "nowhere"], "fact cache nowhere is not a directory"),
+    ],
+)
+def test_unreadable_input_exits_1(fleet, args, message):
+    result = run_cli(fleet, *args)
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
+def test_inventory_without_models_says_where_to_define_them(tmp_path):
+    make_inventory(tmp_path, "other: 1\n")
+    result = run_cli(tmp_path, "plan", "-i", "inventory")
+    assert result.returncode == 1
+    assert "no host of the inventory has aphrodite_models; define the models in group_vars/all" in result.stderr
+
+
+def test_plan_is_a_subcommand():
+    result = run_cli(ROOT, "--help")
+    assert result.returncode == 0
+    assert "plan" in result.stdout
+    missing = run_cli(ROOT, "plan")
+    assert missing.returncode == 2 and "-i/--inventory" in missing.stderr
+
+
+def ansible_2_19_cache_entry(facts: dict) -> str:
+    """A jsonfile cache entry as ansible-core 2.19 writes it: a JSON payload whose strings may carry tags."""
+    tagged = json.loads(json.dumps(facts))
+    source = tagged["aphrodite_gpus"]["source"]
+    tagged["aphrodite_gpus"]["source"] = {"value": source, "tags": [{"__ansible_type": "TrustedAsTemplate"}],
+                                          "__ansible_type": "_AnsibleTaggedStr"}
+    return json.dumps({"__payload__": json.dumps(tagged)})
+
+
+def test_ansible_2_19_cache_files_with_a_prefix_are_read(tmp_path):
+    make_inventory(tmp_path, MODELS_70B_AND_8B)
+    (tmp_path / "ansible.cfg").write_text("[defaults]\nfact_caching = jsonfile\nfact_caching_connection = cache\n"
+                                          "fact_caching_prefix = fleet_\n")
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "fleet_s1_gpu1").write_text(ansible_2_19_cache_entry(gpu_facts(4)))
+    # Another host whose name ends like gpu1's must not be taken for it.
+    (tmp_path / "cache" / "fleet_s1_old_gpu2").write_text(ansible_2_19_cache_entry(gpu_facts(1)))
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == ["warning: gpu1: aphrodite_gpus_declared.count is 8, but the host has 4 GPUs"]
+    declared_only = run_cli(tmp_path, "plan", "-i", "inventory", "--json", "--no-fact-cache")
+    assert declared_only.returncode == 0 and declared_only.stderr == ""
+    assert json.loads(declared_only.stdout) != json.loads(result.stdout)
+
+
+def test_stale_cache_entries_are_ignored_and_said_so(tmp_path):
+    make_inventory(tmp_path, MODELS_70B_AND_8B)
+    (tmp_path / "ansible.cfg").write_text("[defaults]\nfact_caching = jsonfile\nfact_caching_connection = cache\n"
+                                          "fact_caching_timeout = 60\n")
+    (tmp_path / "cache").mkdir()
+    entry = tmp_path / "cache" / "s1_gpu1"
+    entry.write_text(ansible_2_19_cache_entry(gpu_facts(4)))
+    os.utime(entry, (1_000_000_000, 1_000_000_000))
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    assert "are older than fact_caching_timeout (60 s); ignored" in result.stderr
+    assert entry.exists()  # read-only: never removed
+
+
+def test_tagged_cache_values_are_unwrapped():
+    sys.path.insert(0, str(ROOT))
+    from aphrodite_deploy.inventory import _plain
+
+    assert _plain({"a": {"value": [1, {"__ansible_unsafe": "x"}], "tags": [], "__ansible_type": "_AnsibleTaggedList"},
+                   "v": {"__ansible_vault": "$ANSIBLE_VAULT;1.1"}, "e": {"__ansible_type": "EncryptedString"}}) == {
+        "a": [1, "x"], "v": None, "e": None}
