@@ -8,13 +8,13 @@ export PATH := $(VENV)/bin:$(PATH)
 export ANSIBLE_FORCE_COLOR ?= false
 export PY_COLORS ?= 0
 
-.PHONY: bootstrap lab lab-up lab-status lab-down site test unit lint sanity molecule collection clean
+.PHONY: bootstrap lab lab-up lab-status lab-summary lab-down site test unit lint sanity molecule collection clean
 
 bootstrap:
 	scripts/bootstrap.sh
 
 ## Lab -------------------------------------------------------------------------
-lab: bootstrap lab-up site lab-status
+lab: bootstrap lab-up site lab-summary
 
 lab-up:
 	python lab/labctl.py up
@@ -24,6 +24,10 @@ site:
 
 lab-status:
 	python lab/labctl.py status
+
+# What the lab is and what it serves: hosts, then the plan from the facts site.yml gathered.
+lab-summary: lab-status
+	aphrodite-deploy plan -i inventories/lab
 
 lab-down:
 	python lab/labctl.py down --all
