@@ -159,6 +159,43 @@ def build_image() -> str:
     return tag
 
 
+ENGINE_TAG = "aphrodite-standin:0.24.1-lab"
+
+
+def build_engine_image() -> Path:
+    """Build the stand-in engine image and save it where the lab inventory loads it from.
+
+    No registry is reachable, so GPU nodes get the image as an archive
+    (engine_image_archive), as an air-gapped site would.
+    """
+    base = build_base(apt_mirror())
+    src = LAB_DIR / "fixtures" / "engine"
+    flags = ROOT / "plugins" / "module_utils" / "_engine_flags.py"
+    files = [src / "Dockerfile", src / "standin.py", flags]
+    digest = recipe_digest([base.encode()] + [p.name.encode() + p.read_bytes() for p in files])
+    archive = STATE_ROOT / "images" / "aphrodite-standin.tar.gz"
+    stamp = archive.parent / "aphrodite-standin.digest"
+    if archive.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return archive
+    print(f"lab: building stand-in engine image {ENGINE_TAG} ({digest})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="aphrodite-standin-") as tmp:
+        for path in files:
+            shutil.copy2(path, tmp)
+        proc = run(["docker", "build", "-q", "--build-arg", f"BASE={base}", "-t", ENGINE_TAG, tmp], check=False)
+        if proc.returncode != 0:
+            raise LabError("docker build of the stand-in engine failed:\n" + proc.stderr.decode())
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with open(archive, "wb") as out:
+        save = subprocess.Popen(["docker", "save", ENGINE_TAG], stdout=subprocess.PIPE)
+        gz = subprocess.run(["gzip", "-1"], stdin=save.stdout, stdout=out, check=False)
+        save.wait()
+    if save.returncode != 0 or gz.returncode != 0:
+        archive.unlink(missing_ok=True)
+        raise LabError(f"docker save {ENGINE_TAG} failed")
+    stamp.write_text(digest + "\n")
+    return archive
+
+
 # --------------------------------------------------------------------------- hosts
 def inventory_hosts() -> tuple[list[Host], str]:
     """Hosts, their groups and the subnet declared by inventories/lab."""
@@ -309,6 +346,8 @@ def wait_running(hosts: list[Host], timeout: float = 60.0) -> None:
 
 def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     image = build_image()
+    if any(h.is_gpu for h in hosts):
+        build_engine_image()
     names = lab_names(lab)
     state = Path(names["state"])
     state.mkdir(parents=True, exist_ok=True)
@@ -363,7 +402,7 @@ def down(lab: str | None) -> None:
         shutil.rmtree(STATE_ROOT / lab, ignore_errors=True)
     else:
         for entry in STATE_ROOT.glob("*"):
-            if entry.name != "ssh":
+            if entry.name not in ("ssh", "images"):
                 shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -389,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("image", help="build the host image if its recipe changed")
+    sub.add_parser("engine-image", help="build the stand-in engine image archive for GPU nodes")
     p_up = sub.add_parser("up", help="start hosts and wait until SSH answers")
     p_up.add_argument("--lab", default="lab")
     p_up.add_argument("--subnet", help="defaults to lab_subnet from inventories/lab")
@@ -408,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "image":
             print(build_image())
+        elif args.cmd == "engine-image":
+            print(build_engine_image())
         elif args.cmd == "up":
             if args.host:
                 hosts = parse_host_args(args.host, args.subnet or DEFAULT_SUBNET)
