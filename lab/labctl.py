@@ -246,6 +246,33 @@ def ensure_key() -> Path:
     return key
 
 
+LAB_SECRETS = ("engine_api_key", "client_api_key", "admin_api_key", "vrrp_password")
+
+
+def ensure_secrets() -> Path:
+    """Random secrets of the lab, in files only root can read.
+
+    The lab inventory reads them with the file lookup: no secret is ever written
+    into the repository, as production keeps them in ansible-vault.
+    """
+    secrets = STATE_ROOT / "secrets"
+    secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for name in LAB_SECRETS:
+        path = secrets / name
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets_token(name))
+    return secrets
+
+
+def secrets_token(name: str) -> str:
+    import secrets as _secrets
+
+    # VRRP authentication takes at most 8 characters.
+    return _secrets.token_urlsafe(6)[:8] if name == "vrrp_password" else _secrets.token_urlsafe(32)
+
+
 def ensure_network(name: str, subnet: str) -> None:
     if run(["docker", "network", "inspect", name], check=False).returncode == 0:
         return
@@ -352,6 +379,7 @@ def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     state = Path(names["state"])
     state.mkdir(parents=True, exist_ok=True)
     key = ensure_key()
+    ensure_secrets()
     ensure_network(names["network"], subnet)
     created = [h for h in hosts if start_host(lab, h, image, names["network"], key)]
     wait_running(hosts)
@@ -402,7 +430,7 @@ def down(lab: str | None) -> None:
         shutil.rmtree(STATE_ROOT / lab, ignore_errors=True)
     else:
         for entry in STATE_ROOT.glob("*"):
-            if entry.name not in ("ssh", "images"):
+            if entry.name not in ("ssh", "images", "secrets"):
                 shutil.rmtree(entry, ignore_errors=True)
 
 
