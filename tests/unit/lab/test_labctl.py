@@ -19,8 +19,8 @@ _spec.loader.exec_module(labctl)
 def test_lab_inventory_has_the_five_hosts_in_their_groups() -> None:
     hosts, subnet = labctl.inventory_hosts()
     by_name = {h.name: h for h in hosts}
-    assert set(by_name) >= {"lb1", "lb2", "nfs1", "gpu1", "gpu2"}
-    assert by_name["nfs1"].groups == ["nfs_servers", "monitoring"]
+    assert set(by_name) >= {"lb1", "lb2", "nfs1", "monitoring1", "gpu1", "gpu2"}
+    assert by_name["nfs1"].groups == ["nfs_servers"] and by_name["monitoring1"].groups == ["monitoring"]
     assert by_name["gpu1"].is_gpu and not by_name["lb1"].is_gpu
     net = ipaddress.ip_network(subnet)
     lower = list(net.subnets(prefixlen_diff=1))[0]
