@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -192,6 +193,43 @@ def build_engine_image() -> Path:
     if save.returncode != 0 or gz.returncode != 0:
         archive.unlink(missing_ok=True)
         raise LabError(f"docker save {ENGINE_TAG} failed")
+    stamp.write_text(digest + "\n")
+    return archive
+
+
+DCGM_TAG = "aphrodite-dcgm-standin:4.2.3-4.1.3-lab"
+
+
+def build_dcgm_image() -> Path:
+    """Build the DCGM exporter stand-in image and save it where the lab inventory loads it from.
+
+    Lab GPU nodes have no GPU for NVIDIA's exporter to read; the stand-in serves the same
+    metric names for the CDI devices it is given.  Loaded from its archive
+    (monitoring_dcgm_image_archive), as an air-gapped site would.
+    """
+    base = build_base(apt_mirror())
+    src = LAB_DIR / "fixtures" / "dcgm"
+    files = [src / "Dockerfile", src / "dcgm_standin.py"]
+    digest = recipe_digest([base.encode()] + [p.name.encode() + p.read_bytes() for p in files])
+    archive = STATE_ROOT / "images" / "aphrodite-dcgm-standin.tar.gz"
+    stamp = archive.parent / "aphrodite-dcgm-standin.digest"
+    if archive.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
+        return archive
+    print(f"lab: building DCGM exporter stand-in image {DCGM_TAG} ({digest})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="aphrodite-dcgm-") as tmp:
+        for path in files:
+            shutil.copy2(path, tmp)
+        proc = run(["docker", "build", "-q", "--build-arg", f"BASE={base}", "-t", DCGM_TAG, tmp], check=False)
+        if proc.returncode != 0:
+            raise LabError("docker build of the DCGM exporter stand-in failed:\n" + proc.stderr.decode())
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with open(archive, "wb") as out:
+        save = subprocess.Popen(["docker", "save", DCGM_TAG], stdout=subprocess.PIPE)
+        gz = subprocess.run(["gzip", "-1"], stdin=save.stdout, stdout=out, check=False)
+        save.wait()
+    if save.returncode != 0 or gz.returncode != 0:
+        archive.unlink(missing_ok=True)
+        raise LabError(f"docker save {DCGM_TAG} failed")
     stamp.write_text(digest + "\n")
     return archive
 
@@ -375,6 +413,7 @@ def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     image = build_image()
     if any(h.is_gpu for h in hosts):
         build_engine_image()
+        build_dcgm_image()
     names = lab_names(lab)
     state = Path(names["state"])
     state.mkdir(parents=True, exist_ok=True)
@@ -411,9 +450,36 @@ def lab_containers(lab: str | None) -> list[str]:
     return [line for line in out.splitlines() if line]
 
 
+def lab_addresses(names: list[str]) -> set[str]:
+    fmt = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
+    found: set[str] = set()
+    for name in names:
+        found.update(docker("inspect", "-f", fmt, name, check=False).split())
+    return found
+
+
+def stop_ssh_masters(addresses: set[str]) -> None:
+    """End the SSH connections Ansible keeps open (ControlPersist) to removed hosts."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [w.decode(errors="replace") for w in argv if w]
+        if not words or Path(words[0]).name != "ssh" or not any("ControlPersist" in w for w in words):
+            continue
+        if any(w in addresses or w.split("@")[-1] in addresses for w in words):
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except OSError:
+                pass
+
+
 def down(lab: str | None) -> None:
-    """Remove hosts (nested containers first), volumes, networks and state."""
-    for name in lab_containers(lab):
+    """Remove hosts (nested containers first), volumes, networks, SSH masters and state."""
+    names = lab_containers(lab)
+    addresses = lab_addresses(names)
+    for name in names:
         if container_state(name) == "running":
             # Nested engine containers first: removed with their host they leave
             # empty cgroup directories behind on this machine.
@@ -426,6 +492,7 @@ def down(lab: str | None) -> None:
         docker("volume", "rm", vol)
     for net in docker("network", "ls", "-q", "--filter", flt).splitlines():
         docker("network", "rm", net)
+    stop_ssh_masters(addresses)
     if lab:
         shutil.rmtree(STATE_ROOT / lab, ignore_errors=True)
     else:
@@ -457,6 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("image", help="build the host image if its recipe changed")
     sub.add_parser("engine-image", help="build the stand-in engine image archive for GPU nodes")
+    sub.add_parser("dcgm-image", help="build the DCGM exporter stand-in image archive for GPU nodes")
     p_up = sub.add_parser("up", help="start hosts and wait until SSH answers")
     p_up.add_argument("--lab", default="lab")
     p_up.add_argument("--subnet", help="defaults to lab_subnet from inventories/lab")
@@ -478,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
             print(build_image())
         elif args.cmd == "engine-image":
             print(build_engine_image())
+        elif args.cmd == "dcgm-image":
+            print(build_dcgm_image())
         elif args.cmd == "up":
             if args.host:
                 hosts = parse_host_args(args.host, args.subnet or DEFAULT_SUBNET)
