@@ -222,5 +222,3 @@ class FilterModule:
             "nvidia_driver_packages": _wrap(driver_packages),
             "secure_boot_state": _wrap(secure_boot_state),
         }
-
-
