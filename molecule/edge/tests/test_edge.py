@@ -1,0 +1,577 @@
+"""The edge, checked from outside like a client: TLS handshakes, HTTP statuses and bodies
+through the virtual IP, what reached the stand-in engines, the VIP moving between the load
+balancers, and what an attacker with a shell could read on them."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.client import HTTPResponse, HTTPSConnection
+from pathlib import Path
+
+import pytest
+import testinfra
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+# Every test talks to the lab from this machine; the host fixture is only used to reach
+# the hosts, so one host is enough to run each test once.
+testinfra_hosts = ["edge-lb1"]
+
+SCENARIO = Path(__file__).resolve().parents[1]
+MOLECULE = yaml.safe_load((SCENARIO / "molecule.yml").read_text())
+GROUP_VARS = MOLECULE["provisioner"]["inventory"]["group_vars"]
+LB_VARS = GROUP_VARS["loadbalancers"]
+VIP = GROUP_VARS["all"]["aphrodite_vip"]
+KEYS = {k["name"]: k["key"] for k in LB_VARS["haproxy_api_keys"]}
+BURST_LIMIT = next(k["rate_limit"] for k in LB_VARS["haproxy_api_keys"] if k["name"] == "burst")
+ENGINE_KEY = LB_VARS["haproxy_backend_api_key"]
+SECRETS = [*KEYS.values(), ENGINE_KEY, LB_VARS["keepalived_vrrp_password"]]
+PLAN = yaml.safe_load((SCENARIO / "vars" / "plan.yml").read_text())["edge_test_plan"]
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+LLAMA_REPLICAS = {r["name"] for d in PLAN["deployments"] if d["model"] == LLAMA for r in d["replicas"]}
+LBS = ("edge-lb1", "edge-lb2")
+GPUS = ("edge-gpu1", "edge-gpu2")
+CONFIGURED_SUITES = ("TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256", "TLS_CHACHA20_POLY1305_SHA256")
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def lab() -> dict:
+    inventory = os.environ["MOLECULE_INVENTORY_FILE"]
+    return {name: testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}") for name in LBS + GPUS}
+
+
+@pytest.fixture(scope="module")
+def addresses(lab) -> dict:
+    return {name: host.ansible.get_variables()["ansible_host"] for name, host in lab.items()}
+
+
+@pytest.fixture(scope="module")
+def ca_file(lab):
+    with lab["edge-lb1"].sudo():
+        pem = lab["edge-lb1"].file("/etc/haproxy/pki/ca.crt").content_string
+    with tempfile.NamedTemporaryFile("w", suffix=".crt", delete=False) as handle:
+        handle.write(pem)
+    yield handle.name
+    os.unlink(handle.name)
+
+
+@pytest.fixture(scope="module")
+def tls(ca_file) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=ca_file)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
+
+
+class Reply:
+    def __init__(self, response: HTTPResponse, body: bytes):
+        self.status = response.status
+        self.headers = {k.lower(): v for k, v in response.getheaders()}
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def call(tls, method: str, path: str, key: str | None = None, body=None, address: str = VIP,
+         timeout: float = 10) -> Reply:
+    connection = HTTPSConnection(address, 443, context=tls, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    try:
+        connection.request(method, path, body=data, headers=headers)
+        response = connection.getresponse()
+        return Reply(response, response.read())
+    finally:
+        connection.close()
+
+
+def chat(tls, model: str | None = LLAMA, key: str = KEYS["alice"], **extra) -> Reply:
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, **extra}
+    if model is not None:
+        body["model"] = model
+    return call(tls, "POST", "/v1/chat/completions", key, body)
+
+
+def standin_log(lab, since: float) -> list[dict]:
+    """Requests the stand-in engines received after ``since`` (their own record)."""
+    entries = []
+    for name in GPUS:
+        with lab[name].sudo():
+            text = lab[name].run("cat /var/log/edge-standin/*.jsonl 2>/dev/null").stdout
+        for line in text.splitlines():
+            entry = json.loads(line)
+            if entry["time"] >= since and entry["path"] != "/health":
+                entries.append(entry)
+    return entries
+
+
+def runtime_api(host, command: str) -> str:
+    script = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock'); "
+              "s.sendall(sys.argv[1].encode()+b'\\n'); out=b''\n"
+              "while True:\n    b=s.recv(65536)\n    if not b: break\n    out+=b\nprint(out.decode())")
+    with host.sudo():
+        return host.check_output(f"python3 -c {_quote(script)} {_quote(command)}")
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
+def server_states(host) -> dict:
+    """``backend/server`` -> status from the runtime API's ``show stat``."""
+    lines = runtime_api(host, "show stat").lstrip("# ").splitlines()
+    header = lines[0].split(",")
+    states = {}
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(",")))
+        if row.get("svname") not in (None, "FRONTEND", "BACKEND"):
+            states[f"{row['pxname']}/{row['svname']}"] = row
+    return states
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+def vip_holders(lab) -> list[str]:
+    return [name for name in LBS if f" {VIP}/" in lab[name].check_output("ip -4 -o addr show")]
+
+
+def playbook(name: str, *extra: str) -> subprocess.CompletedProcess:
+    binary = Path(sys.executable).with_name("ansible-playbook")
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1")
+    return subprocess.run([str(binary), "-i", os.environ["MOLECULE_INVENTORY_FILE"], str(SCENARIO / name), *extra],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False, timeout=600,
+                          env=env)
+
+
+# --------------------------------------------------------------------------- TLS
+def test_tls_1_2_is_refused(ca_file):
+    context = ssl.create_default_context(cafile=ca_file)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection((VIP, 443), timeout=5) as raw:
+        with pytest.raises(ssl.SSLError, match="(?i)protocol version|alert"):
+            context.wrap_socket(raw, server_hostname=VIP)
+
+
+def test_tls_1_3_with_the_lab_ca_an_ecdsa_certificate_and_h2(ca_file):
+    context = ssl.create_default_context(cafile=ca_file)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection((VIP, 443), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=VIP) as conn:
+            assert conn.version() == "TLSv1.3"
+            assert conn.cipher()[0] in CONFIGURED_SUITES
+            assert conn.selected_alpn_protocol() == "h2"
+            cert = x509.load_der_x509_certificate(conn.getpeercert(binary_form=True))
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    lifetime = cert.not_valid_after_utc.timestamp() - time.time()
+    assert lifetime > 30 * 86400
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert VIP in [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert points[0].full_name[0].value == f"https://{VIP}/pki/ca.crl"
+
+
+@pytest.mark.parametrize("suite", CONFIGURED_SUITES)
+def test_each_configured_suite_is_offered(ca_file, suite):
+    result = subprocess.run(["openssl", "s_client", "-connect", f"{VIP}:443", "-tls1_3", "-ciphersuites", suite,
+                             "-CAfile", ca_file, "-verify_return_error", "-brief"],
+                            input="", capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode == 0, result.stderr
+    assert f"Ciphersuite: {suite}" in result.stderr
+
+
+def test_a_suite_outside_the_list_is_refused(ca_file):
+    result = subprocess.run(["openssl", "s_client", "-connect", f"{VIP}:443", "-tls1_3", "-ciphersuites",
+                             "TLS_AES_128_CCM_SHA256", "-CAfile", ca_file, "-brief"],
+                            input="", capture_output=True, text=True, timeout=20, check=False)
+    assert result.returncode != 0
+
+
+def test_the_crl_named_in_the_certificate_is_served(tls, ca_file):
+    reply = call(tls, "GET", "/pki/ca.crl")
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "application/pkix-crl"
+    crl = x509.load_der_x509_crl(reply.body)
+    ca = x509.load_pem_x509_certificate(Path(ca_file).read_bytes())
+    assert crl.is_signature_valid(ca.public_key())
+    assert crl.next_update_utc.timestamp() - time.time() > 30 * 86400
+
+
+# --------------------------------------------------------------------------- auth matrix
+SECURITY_HEADERS = ("strict-transport-security", "x-content-type-options", "x-frame-options",
+                    "content-security-policy", "referrer-policy")
+
+
+@pytest.mark.parametrize(("case", "method", "path", "key", "status", "error_type"), [
+    ("no key", "GET", "/v1/models", None, 401, "authentication_error"),
+    ("unknown key", "GET", "/v1/models", "sk-not-a-key-of-this-fleet-000", 401, "authentication_error"),
+    ("empty bearer", "GET", "/v1/models", "", 401, "authentication_error"),
+    ("customer on an admin endpoint", "GET", "/admin/stats", KEYS["alice"], 403, "permission_error"),
+    ("customer on embeddings", "POST", "/v1/embeddings", KEYS["alice"], 403, "permission_error"),
+    ("wrong method", "DELETE", "/v1/models", KEYS["alice"], 405, "invalid_request_error"),
+    ("customer lists models", "GET", "/v1/models", KEYS["alice"], 200, None),
+    ("admin on the admin endpoint", "GET", "/admin/stats", KEYS["ops"], 200, None),
+])
+def test_auth_matrix(tls, case, method, path, key, status, error_type):
+    reply = call(tls, method, path, key, {"input": "x"} if method == "POST" else None)
+    assert reply.status == status, (case, reply.body[:300])
+    for header in SECURITY_HEADERS:
+        assert header in reply.headers, (case, header)
+    assert reply.headers["strict-transport-security"].startswith("max-age=")
+    assert "server" not in reply.headers
+    if status == 401:
+        assert reply.headers["www-authenticate"].startswith("Bearer")
+    if error_type:
+        assert reply.json()["error"]["type"] == error_type
+        assert reply.json()["error"]["code"] == status
+
+
+def test_model_list_covers_the_whole_fleet(tls):
+    reply = call(tls, "GET", "/v1/models", KEYS["alice"])
+    ids = {m["id"] for m in reply.json()["data"]}
+    assert ids == {LLAMA, "qwen-7b", "BAAI/bge-m3"}
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/docs", "/openapi.json", "/invocations", "/health", "/version",
+                                  "/v1/models/qwen-7b", "/v2/chat/completions", "//v1/chat/completions",
+                                  "/v1/chat/completions/../../metrics", "/v1/chat%2Fcompletions", "/"])
+def test_paths_not_allowed_never_reach_an_engine(tls, lab, path):
+    since = time.time()
+    for key in (KEYS["alice"], KEYS["ops"]):
+        assert call(tls, "GET", path, key).status == 404
+        assert call(tls, "POST", path, key, {"model": LLAMA}).status == 404
+    assert call(tls, "GET", path).status == 401
+    assert standin_log(lab, since) == []
+
+
+# --------------------------------------------------------------------------- routing
+def test_requests_reach_the_engines_with_the_engine_key_only(tls, lab):
+    since = time.time()
+    replicas = {chat(tls).json()["replica"] for _ in range(6)}
+    assert replicas == LLAMA_REPLICAS
+    received = standin_log(lab, since)
+    assert len(received) == 6
+    # The stand-in compares the Authorization header with the engines' key, like the engine.
+    assert all(entry["authorized"] for entry in received)
+    assert all(entry["x_forwarded_for"] for entry in received)
+
+
+def test_routing_by_the_model_field(tls):
+    assert chat(tls, "qwen-7b").json()["replica"] == "qwen2-5-7b-0"
+    assert chat(tls, LLAMA).json()["replica"] in LLAMA_REPLICAS
+    unknown = chat(tls, "gpt-4o")
+    assert unknown.status == 404
+    assert unknown.json()["error"]["param"] == "model"
+    assert "gpt-4o" in unknown.json()["error"]["message"]
+    # Two models serve chat: without a model field the edge cannot choose.
+    assert chat(tls, None).status == 400
+    # A model on an endpoint it does not serve.
+    assert call(tls, "POST", "/v1/embeddings", KEYS["ops"], {"model": "qwen-7b", "input": "x"}).status == 404
+
+
+def test_an_endpoint_served_by_one_model_needs_no_model_field(tls):
+    reply = call(tls, "POST", "/v1/embeddings", KEYS["ops"], {"input": "x"})
+    assert reply.status == 200
+    assert reply.json()["replica"] == "bge-m3-0"
+
+
+def test_model_field_of_a_large_body(tls):
+    padding = "x" * 300_000
+    first = {"model": "qwen-7b", "messages": [{"role": "user", "content": padding}]}
+    assert call(tls, "POST", "/v1/chat/completions", KEYS["alice"], first).json()["replica"] == "qwen2-5-7b-0"
+    last = json.dumps({"messages": [{"role": "user", "content": padding}], "model": "qwen-7b"}).encode()
+    assert call(tls, "POST", "/v1/chat/completions", KEYS["alice"], last).status == 413
+
+
+def test_streaming_is_not_buffered(tls):
+    connection = HTTPSConnection(VIP, 443, context=tls, timeout=30)
+    body = {"model": LLAMA, "messages": [], "stream": True, "max_tokens": 6, "stream_delay": 0.4}
+    started = time.monotonic()
+    connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                       headers={"Authorization": f"Bearer {KEYS['alice']}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.getheader("Content-Type") == "text/event-stream"
+    first = response.readline()
+    first_at = time.monotonic() - started
+    rest = response.read().decode()
+    total = time.monotonic() - started
+    connection.close()
+    assert first.startswith(b"data: {")
+    # The first token arrived while the engine was still generating the others.
+    assert first_at < 1.0 < total
+    assert rest.count("data: {") == 5
+    assert rest.rstrip().endswith("data: [DONE]")
+
+
+def test_server_maxconn_follows_the_engine_concurrency(lab):
+    states = server_states(lab["edge-lb1"])
+    assert states["be_llama-3-1-8b-instruct/llama-3-1-8b-0"]["slim"] == "8"
+    assert states["be_qwen2-5-7b-instruct/qwen2-5-7b-0"]["slim"] == "256"
+
+
+def test_a_replica_failing_its_health_check_is_skipped(tls, lab):
+    flag = "/run/edge-standin/8001.down"
+    key = "be_llama-3-1-8b-instruct/llama-3-1-8b-0"
+    with lab["edge-gpu1"].sudo():
+        lab["edge-gpu1"].check_output(f"touch {flag}")
+    try:
+        assert wait_for(lambda: all(server_states(lab[lb])[key]["status"] == "DOWN" for lb in LBS), 20)
+        assert {chat(tls).json()["replica"] for _ in range(6)} == {"llama-3-1-8b-1"}
+    finally:
+        with lab["edge-gpu1"].sudo():
+            lab["edge-gpu1"].check_output(f"rm -f {flag}")
+    assert wait_for(lambda: all(server_states(lab[lb])[key]["status"] == "UP" for lb in LBS), 20)
+
+
+def test_drain_entry_point_takes_a_replica_out_and_back(tls, lab):
+    key = "be_llama-3-1-8b-instruct/llama-3-1-8b-1"
+    out = playbook("drain.yml", "-e", json.dumps({"haproxy_drain_servers": ["llama-3-1-8b-1"],
+                                                   "haproxy_drain_state": "disabled"}))
+    assert out.returncode == 0, out.stdout[-3000:]
+    try:
+        assert all(server_states(lab[lb])[key]["status"] == "MAINT" for lb in LBS)
+        assert {chat(tls).json()["replica"] for _ in range(6)} == {"llama-3-1-8b-0"}
+    finally:
+        back = playbook("drain.yml", "-e", json.dumps({"haproxy_drain_servers": ["llama-3-1-8b-1"],
+                                                        "haproxy_drain_state": "enabled"}))
+    assert back.returncode == 0, back.stdout[-3000:]
+    # Back in service at once ("UP 1/3" until the next checks confirm it).
+    assert all(server_states(lab[lb])[key]["status"].startswith("UP") for lb in LBS)
+    unknown = playbook("drain.yml", "-e", json.dumps({"haproxy_drain_servers": ["no-such-replica"]}))
+    assert unknown.returncode != 0
+    assert "no-such-replica" in unknown.stdout
+
+
+# --------------------------------------------------------------------------- rate limits
+def _rate(host, key: str) -> int:
+    digest = hashlib.sha256(key.encode()).hexdigest().upper()
+    line = runtime_api(host, f"show table st_api_keys key {digest}")
+    for part in line.split():
+        if part.startswith("http_req_rate("):
+            return int(part.split("=")[1])
+    return 0
+
+
+def test_rate_limit_is_shared_by_both_load_balancers(tls, lab, addresses):
+    key = KEYS["burst"]
+    # The counter covers the last minute; start from a quiet key.
+    assert wait_for(lambda: _rate(lab["edge-lb1"], key) == 0, 75, 5), "the burst key was used in the last minute"
+    first = BURST_LIMIT - 2
+    for _ in range(first):
+        assert call(tls, "GET", "/v1/models", key, address=addresses["edge-lb1"]).status == 200
+    # lb2 learns lb1's count through peers.
+    assert wait_for(lambda: _rate(lab["edge-lb2"], key) >= first, 5)
+    assert [call(tls, "GET", "/v1/models", key, address=addresses["edge-lb2"]).status for _ in range(2)] == [200, 200]
+    over = call(tls, "GET", "/v1/models", key, address=addresses["edge-lb2"])
+    assert over.status == 429
+    assert int(over.headers["retry-after"]) > 0
+    assert over.json()["error"]["type"] == "rate_limit_error"
+    assert "strict-transport-security" in over.headers
+    # The limit is per key: another customer is not affected.
+    assert call(tls, "GET", "/v1/models", KEYS["alice"], address=addresses["edge-lb2"]).status == 200
+
+
+# --------------------------------------------------------------------------- operations
+def test_metrics_only_on_the_internal_frontend(tls, addresses):
+    exporter = subprocess.run(["curl", "-sS", "--max-time", "5", f"http://{addresses['edge-lb1']}:8405/metrics"],
+                              capture_output=True, text=True, check=False)
+    assert exporter.returncode == 0
+    assert "haproxy_process_" in exporter.stdout
+    with pytest.raises(OSError):
+        socket.create_connection((VIP, 8405), timeout=3).close()
+    assert call(tls, "GET", "/metrics", KEYS["ops"]).status == 404
+
+
+def test_runtime_api_socket_is_root_only(lab):
+    for name in LBS:
+        sock = lab[name].file("/run/haproxy/admin.sock")
+        assert sock.is_socket
+        assert sock.mode == 0o600
+        assert sock.user == "root"
+
+
+def test_a_reload_keeps_running_streams(tls, lab):
+    holder = vip_holders(lab)[0]
+    result: dict = {}
+
+    def stream():
+        connection = HTTPSConnection(VIP, 443, context=tls, timeout=60)
+        body = {"model": LLAMA, "messages": [], "stream": True, "max_tokens": 15, "stream_delay": 0.2}
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                           headers={"Authorization": f"Bearer {KEYS['alice']}"})
+        response = connection.getresponse()
+        result["status"] = response.status
+        result["body"] = response.read().decode()
+        connection.close()
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    time.sleep(1)
+    with lab[holder].sudo():
+        lab[holder].check_output("systemctl reload haproxy")
+    worker.join(30)
+    assert result["status"] == 200
+    assert result["body"].count("data: {") == 15
+    assert result["body"].rstrip().endswith("data: [DONE]")
+
+
+def test_revoking_a_key_takes_effect_without_dropping_streams(tls, lab):
+    assert call(tls, "GET", "/v1/models", KEYS["burst"]).status in (200, 429)
+    remaining = [k for k in LB_VARS["haproxy_api_keys"] if k["name"] != "burst"]
+    result: dict = {}
+
+    def stream():
+        connection = HTTPSConnection(VIP, 443, context=tls, timeout=120)
+        body = {"model": LLAMA, "messages": [], "stream": True, "max_tokens": 200, "stream_delay": 0.25}
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                           headers={"Authorization": f"Bearer {KEYS['alice']}"})
+        response = connection.getresponse()
+        result["body"] = response.read().decode()
+        connection.close()
+
+    worker = threading.Thread(target=stream, daemon=True)
+    worker.start()
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as extra:
+        json.dump({"haproxy_api_keys": remaining}, extra)
+        extra.flush()
+        revoke = playbook("converge.yml", "--tags", "haproxy", "--diff", "-e", f"@{extra.name}")
+    try:
+        assert revoke.returncode == 0, revoke.stdout[-3000:]
+        assert call(tls, "GET", "/v1/models", KEYS["burst"]).status == 401
+        assert call(tls, "GET", "/v1/models", KEYS["alice"]).status == 200
+        worker.join(90)
+        assert result["body"].count("data: {") == 200
+        assert result["body"].rstrip().endswith("data: [DONE]")
+    finally:
+        worker.join(90)
+        restore = playbook("converge.yml", "--tags", "haproxy", "--diff")
+    assert restore.returncode == 0, restore.stdout[-3000:]
+    # Both runs changed the key map; neither printed a key, even with --diff.
+    assert "apikeys.map" in revoke.stdout or "client key map" in revoke.stdout
+    for secret in SECRETS:
+        assert secret not in revoke.stdout
+        assert secret not in restore.stdout
+    assert call(tls, "GET", "/v1/models", KEYS["burst"]).status in (200, 429)
+
+
+# --------------------------------------------------------------------------- failover
+def _serves_through_vip(tls) -> bool:
+    try:
+        return chat(tls).status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("service", ["haproxy", "keepalived"])
+def test_vip_moves_when_the_holder_loses_its_service(tls, lab, service):
+    holders = vip_holders(lab)
+    assert len(holders) == 1, holders
+    holder = holders[0]
+    other = next(name for name in LBS if name != holder)
+    with lab[holder].sudo():
+        lab[holder].check_output(f"systemctl stop {service}")
+    try:
+        started = time.monotonic()
+        assert wait_for(lambda: vip_holders(lab) == [other], 10, 0.2), vip_holders(lab)
+        assert wait_for(lambda: _serves_through_vip(tls), 5, 0.2)
+        assert time.monotonic() - started < 10
+    finally:
+        with lab[holder].sudo():
+            lab[holder].check_output(f"systemctl start {service}")
+    # nopreempt: the recovered load balancer does not take the VIP back.
+    time.sleep(4)
+    assert vip_holders(lab) == [other]
+    assert _serves_through_vip(tls)
+
+
+# --------------------------------------------------------------------------- secrets
+def test_no_secret_in_process_arguments(lab):
+    for name in LBS:
+        args = lab[name].check_output("ps -eo args")
+        for secret in SECRETS:
+            assert secret not in args
+
+
+@pytest.fixture()
+def secret_patterns(lab):
+    """The secrets as a grep pattern file on each load balancer, without putting them in argv."""
+    encoded = base64.b64encode("\n".join(SECRETS).encode()).decode()
+    for name in LBS:
+        lab[name].ansible("ansible.builtin.copy", f"content={encoded} dest=/root/.edge-secrets.b64 mode=0600",
+                          become=True, check=False)
+        with lab[name].sudo():
+            lab[name].check_output("base64 -d /root/.edge-secrets.b64 > /root/.edge-secrets && chmod 600 /root/.edge-secrets")
+    yield "/root/.edge-secrets"
+    for name in LBS:
+        with lab[name].sudo():
+            lab[name].run("rm -f /root/.edge-secrets /root/.edge-secrets.b64")
+
+
+def test_no_secret_in_readable_files_or_logs(lab, secret_patterns):
+    for name in LBS:
+        host = lab[name]
+        with host.sudo():
+            # World-readable files anywhere a deployment writes.
+            found = host.run(f"find /etc /run /var /tmp /home /root -xdev -type f -perm -o=r "
+                             f"-exec grep -lF -f {secret_patterns} {{}} + 2>/dev/null").stdout
+            assert found.strip() == "", (name, found)
+            journal = host.run(f"journalctl --no-pager | grep -cF -f {secret_patterns}").stdout.strip()
+            assert journal == "0", name
+            key_map = host.file("/etc/haproxy/apikeys.map")
+            assert (key_map.mode, key_map.user, key_map.group) == (0o640, "root", "haproxy")
+            for key in KEYS.values():
+                assert key not in key_map.content_string
+                assert hashlib.sha256(key.encode()).hexdigest().upper() in key_map.content_string
+            engine_map = host.file("/etc/haproxy/engine-key.map")
+            assert (engine_map.mode, engine_map.user, engine_map.group) == (0o640, "root", "haproxy")
+            assert host.file("/etc/keepalived/secrets.conf").mode == 0o600
+            assert host.file("/etc/haproxy/pki/edge.pem.key").mode == 0o600
+
+
+def test_haproxy_configuration_holds_no_secret(lab):
+    for name in LBS:
+        with lab[name].sudo():
+            config = lab[name].file("/etc/haproxy/haproxy.cfg").content_string
+            keepalived = lab[name].file("/etc/keepalived/keepalived.conf").content_string
+        for secret in SECRETS:
+            assert secret not in config
+            assert secret not in keepalived
+
+
+# --------------------------------------------------------------------------- grading
+def test_testssl_finds_nothing_medium_or_worse(lab, ca_file):
+    grader = lab["edge-gpu1"]
+    pem = Path(ca_file).read_text()
+    encoded = base64.b64encode(pem.encode()).decode()
+    with grader.sudo():
+        grader.check_output(f"echo {encoded} | base64 -d > /tmp/edge-ca.crt")
+        grader.run("rm -f /tmp/edge-testssl.json")
+        run = grader.run(f"timeout 400 testssl --quiet --color 0 --warnings off --add-ca /tmp/edge-ca.crt "
+                         f"--jsonfile /tmp/edge-testssl.json https://{VIP}/")
+        findings = json.loads(grader.file("/tmp/edge-testssl.json").content_string)
+    assert findings, run.stdout[-2000:]
+    bad = [f"{f['id']}: {f['severity']} {f['finding']}" for f in findings
+           if f.get("severity") in ("MEDIUM", "HIGH", "CRITICAL")]
+    assert bad == []

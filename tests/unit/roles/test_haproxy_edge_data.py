@@ -1,0 +1,196 @@
+"""What the haproxy role renders: backends and routes from the plan, hashed API keys, roles."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from ansible.errors import AnsibleFilterError
+
+from ansible_collections.aphrodite.baremetal.plugins.filter import edge as edge_filter
+from ansible_collections.aphrodite.baremetal.plugins.module_utils import _edge
+
+ENDPOINTS = ["chat", "completions", "embeddings", "models", "stats"]
+ROLES = {"customer": {"endpoints": ["chat", "completions", "models"], "rate_limit": 60},
+         "admin": {"endpoints": "*", "rate_limit": 0}}
+HOSTVARS = {"gpu1": {"ansible_host": "10.0.0.1"},
+            "gpu2": {"ansible_host": "10.0.0.2", "aphrodite_bind_address": "192.168.0.2"},
+            "gpu3": {}}
+
+
+def replica(name, head, port=2242, *argv):
+    return {"name": name, "head": head, "placement": {head: [0]}, "port": port, "argv": list(argv)}
+
+
+def plan(*deployments):
+    return {"deployments": [{"model": model, "replicas": list(replicas)} for model, replicas in deployments]}
+
+
+SINGLE = plan(("meta-llama/Llama-3.1-8B-Instruct",
+               [replica("llama-0", "gpu1"), replica("llama-1", "gpu2")]))
+MULTI = plan(
+    ("meta-llama/Llama-3.1-8B-Instruct", [replica("llama-0", "gpu1", 2242, "--max-num-seqs", "64")]),
+    ("Qwen/Qwen2.5-7B-Instruct", [replica("qwen-0", "gpu2", 2243, "--served-model-name", "qwen", "qwen-latest")]),
+    ("BAAI/bge-m3", [replica("bge-0", "gpu3", 2244, "--task", "embed")]),
+)
+
+
+def test_filters_are_registered():
+    assert set(edge_filter.FilterModule().filters()) == {
+        "edge_backends", "edge_routes", "edge_model_list", "edge_api_roles", "edge_api_key_entries",
+        "edge_vrrp_interface"}
+
+
+def test_single_model_backend_has_every_replica_at_its_address():
+    [backend] = _edge.backends(SINGLE, HOSTVARS)
+    assert backend["name"] == "be_llama-3-1-8b-instruct"
+    assert backend["endpoints"] == ["chat", "completions"]
+    assert [(s["name"], s["address"], s["port"], s["maxconn"]) for s in backend["servers"]] == [
+        ("llama-0", "10.0.0.1", 2242, 256), ("llama-1", "192.168.0.2", 2242, 256)]
+
+
+def test_a_head_without_address_variables_is_addressed_by_name():
+    [backend] = _edge.backends(plan(("m/x", [replica("x-0", "gpu3")])), HOSTVARS)
+    assert backend["servers"][0]["address"] == "gpu3"
+
+
+@pytest.mark.parametrize(("argv", "maxconn"), [
+    ([], 256),
+    (["--max-num-seqs", "64"], 64),
+    (["--max-num-seqs=32"], 32),
+    (["--max-num-seqs", "8", "--max-num-seqs", "16"], 16),
+])
+def test_server_maxconn_is_the_engine_concurrency(argv, maxconn):
+    [backend] = _edge.backends(plan(("m/x", [replica("x-0", "gpu1", 2242, *argv)])), HOSTVARS)
+    assert backend["servers"][0]["maxconn"] == maxconn
+
+
+@pytest.mark.parametrize(("argv", "endpoints"), [
+    ([], ["chat", "completions"]),
+    (["--task", "embed"], ["embeddings"]),
+    (["--runner", "pooling"], ["embeddings"]),
+    (["--task", "generate"], ["chat", "completions"]),
+])
+def test_endpoints_follow_the_engine_task(argv, endpoints):
+    assert _edge.model_endpoints("m/x", argv) == endpoints
+
+
+def test_endpoint_override_wins_and_is_checked():
+    assert _edge.model_endpoints("m/x", ["--task", "embed"], {"m/x": ["chat"]}) == ["chat"]
+    with pytest.raises(_edge.EdgeError, match="haproxy_model_endpoints.*names tokenize"):
+        _edge.model_endpoints("m/x", [], {"m/x": ["tokenize"]})
+
+
+def test_routes_key_every_served_name_and_default_only_unambiguous_endpoints():
+    backends = _edge.backends(MULTI, HOSTVARS)
+    routes = dict(map(tuple, _edge.routes(backends)))
+    assert routes["chat:meta-llama/Llama-3.1-8B-Instruct"] == "be_llama-3-1-8b-instruct"
+    assert routes["chat:qwen"] == routes["completions:qwen-latest"] == "be_qwen2-5-7b-instruct"
+    assert "chat:Qwen/Qwen2.5-7B-Instruct" not in routes  # the engine answers only to its served names
+    assert routes["embeddings:BAAI/bge-m3"] == "be_bge-m3"
+    # Two models serve chat: no default.  One serves embeddings: it is the default.
+    assert "chat" not in routes
+    assert routes["embeddings"] == "be_bge-m3"
+
+
+def test_single_model_fleet_routes_without_a_model_field():
+    routes = dict(map(tuple, _edge.routes(_edge.backends(SINGLE, HOSTVARS))))
+    assert routes["chat"] == routes["completions"] == "be_llama-3-1-8b-instruct"
+
+
+def test_model_list_names_every_served_name():
+    listing = _edge.model_list(_edge.backends(MULTI, HOSTVARS))
+    assert [m["id"] for m in listing["data"]] == ["meta-llama/Llama-3.1-8B-Instruct", "qwen", "qwen-latest",
+                                                  "BAAI/bge-m3"]
+    assert listing["object"] == "list"
+
+
+def test_backend_names_stay_unique_when_slugs_collide():
+    names = [b["name"] for b in _edge.backends(plan(("a/Model", [replica("a-0", "gpu1")]),
+                                                    ("b/model", [replica("b-0", "gpu2")])), HOSTVARS)]
+    assert names == ["be_model", "be_model-2"]
+
+
+@pytest.mark.parametrize(("bad_plan", "message"), [
+    (None, "deployments"),
+    ({"deployments": [{"replicas": []}]}, "no model id"),
+    (plan(("m/x", [{"name": "x-0", "port": 1}])), "no head"),
+    (plan(("m/x", [replica("x-0", "gpu1", 0)])), "port 0"),
+    (plan(("m/x", [replica("x-0", "gpu1")]), ("m/y", [replica("x-0", "gpu2")])), "x-0 appears twice"),
+    (plan(("m/x", [replica("x-0", "gpu1", 1, "--served-model-name", "same")]),
+          ("m/y", [replica("y-0", "gpu2", 1, "--served-model-name", "same")])), "same is served by both"),
+    (plan(("m/x", [replica("x-0", "nohost")])), "nohost, which is not in the inventory"),
+    (plan(("m/x", [replica("x-0", "gpu1", 1, "--max-num-seqs", "many")])), "not an integer"),
+])
+def test_bad_plans_are_named(bad_plan, message):
+    with pytest.raises(_edge.EdgeError, match=message):
+        _edge.backends(bad_plan, HOSTVARS)
+
+
+def test_filter_reports_plan_errors_as_filter_errors():
+    with pytest.raises(AnsibleFilterError, match="not in the inventory"):
+        edge_filter.edge_backends(plan(("m/x", [replica("x-0", "nohost")])), HOSTVARS)
+
+
+def test_filter_reads_only_the_heads_address_variables():
+    class Strict(dict):
+        def __getitem__(self, key):
+            if key not in ("aphrodite_bind_address", "ansible_host"):
+                raise AssertionError(f"read {key}")
+            return dict.__getitem__(self, key)
+
+    hostvars = {"gpu1": Strict(ansible_host="10.0.0.1"), "gpu2": Strict(), "gpu3": Strict()}
+    [backend] = edge_filter.edge_backends(SINGLE, hostvars)
+    assert backend["servers"][0]["address"] == "10.0.0.1"
+
+
+# --------------------------------------------------------------------------- keys and roles
+def test_roles_expand_the_wildcard():
+    roles = _edge.validate_roles(ROLES, ENDPOINTS)
+    assert roles["admin"]["endpoints"] == ENDPOINTS
+    assert roles["customer"] == {"endpoints": ["chat", "completions", "models"], "rate_limit": 60}
+
+
+@pytest.mark.parametrize(("roles", "message"), [
+    ({}, "must map each role"),
+    ({"Customer": {"endpoints": ["chat"]}}, "lower-case"),
+    ({"customer": {"endpoints": ["tokenize"]}}, "names tokenize; the edge knows chat"),
+    ({"customer": {"endpoints": []}}, "non-empty list"),
+    ({"customer": {"endpoints": ["chat"], "rate_limit": -1}}, "integer >= 0"),
+    ({"customer": {"endpoints": ["chat"], "rate_limit": "60/min"}}, "requests per minute"),
+])
+def test_bad_roles_are_named(roles, message):
+    with pytest.raises(_edge.EdgeError, match=message):
+        _edge.validate_roles(roles, ENDPOINTS)
+
+
+def test_key_entries_hold_the_upper_case_sha256_and_never_the_key():
+    roles = _edge.validate_roles(ROLES, ENDPOINTS)
+    key = "sk-test-0123456789abcdef"
+    entries = _edge.api_key_entries([{"name": "alice", "key": key, "role": "customer"},
+                                     {"name": "ops", "key": "sk-admin-0123456789abcd", "role": "admin",
+                                      "rate_limit": 5}], roles)
+    assert entries[0] == {"hash": hashlib.sha256(key.encode()).hexdigest().upper(), "role": "customer",
+                          "rate_limit": 60, "name": "alice"}
+    assert entries[1]["rate_limit"] == 5
+    assert key not in repr(entries)
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"name": "x"}, "must be a list"),
+    ([{"key": "sk-test-0123456789abcdef", "role": "customer"}], r"haproxy_api_keys\[0\] needs a name"),
+    ([{"name": "a b", "key": "sk-test-0123456789abcdef", "role": "customer"}], "needs a name"),
+    ([{"name": "a", "key": "short", "role": "customer"}], "at least 16 characters"),
+    ([{"name": "a", "key": "sk-test 0123456789abcdef", "role": "customer"}], "without white space"),
+    ([{"name": "a", "key": "sk-test-0123456789abcdef", "role": "root"}], "role 'root'; the roles are admin, customer"),
+    ([{"name": "a", "key": "sk-test-0123456789abcdef", "role": "customer", "rate_limit": "5"}], "rate_limit '5'"),
+    ([{"name": "a", "key": "sk-test-0123456789abcdef", "role": "customer"},
+      {"name": "a", "key": "sk-test-0123456789abcdeg", "role": "customer"}], "two API keys are named 'a'"),
+    ([{"name": "a", "key": "sk-test-0123456789abcdef", "role": "customer"},
+      {"name": "b", "key": "sk-test-0123456789abcdef", "role": "admin"}], "'a' and 'b' are the same key"),
+])
+def test_bad_keys_are_named_without_their_value(keys, message):
+    roles = _edge.validate_roles(ROLES, ENDPOINTS)
+    with pytest.raises(_edge.EdgeError, match=message) as error:
+        _edge.api_key_entries(keys, roles)
+    assert "0123456789abcde" not in str(error.value)
