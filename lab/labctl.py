@@ -311,7 +311,7 @@ def secrets_token(name: str) -> str:
     return _secrets.token_urlsafe(6)[:8] if name == "vrrp_password" else _secrets.token_urlsafe(32)
 
 
-def ensure_network(name: str, subnet: str) -> None:
+def ensure_network(name: str, subnet: str, lab: str) -> None:
     if run(["docker", "network", "inspect", name], check=False).returncode == 0:
         return
     net = ipaddress.ip_network(subnet)
@@ -319,7 +319,7 @@ def ensure_network(name: str, subnet: str) -> None:
     # keepalived VIP live in the lower half, where Docker never allocates.
     upper = list(net.subnets(prefixlen_diff=1))[1]
     docker("network", "create", "--driver", "bridge", "--subnet", subnet, "--ip-range", str(upper),
-           "--label", f"{LABEL}={name}", name)
+           "--label", f"{LABEL}={lab}", name)
 
 
 def container_state(name: str) -> str | None:
@@ -419,7 +419,7 @@ def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     state.mkdir(parents=True, exist_ok=True)
     key = ensure_key()
     ensure_secrets()
-    ensure_network(names["network"], subnet)
+    ensure_network(names["network"], subnet, lab)
     created = [h for h in hosts if start_host(lab, h, image, names["network"], key)]
     wait_running(hosts)
     wait_ssh(hosts)
@@ -490,7 +490,11 @@ def down(lab: str | None) -> None:
     flt = f"label={LABEL}" + (f"={lab}" if lab else "")
     for vol in docker("volume", "ls", "-q", "--filter", flt).splitlines():
         docker("volume", "rm", vol)
-    for net in docker("network", "ls", "-q", "--filter", flt).splitlines():
+    # Networks made before they carried the lab's name as their label carry the network's.
+    nets = set(docker("network", "ls", "-q", "--filter", flt).splitlines())
+    if lab:
+        nets |= set(docker("network", "ls", "-q", "--filter", f"name=^aphrodite-{lab}$").splitlines())
+    for net in nets:
         docker("network", "rm", net)
     stop_ssh_masters(addresses)
     if lab:

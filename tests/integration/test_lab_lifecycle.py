@@ -27,6 +27,8 @@ def test_up_reaches_the_host_over_ssh_and_down_leaves_nothing() -> None:
                          "--host", "lc-host1:nfs_servers"], capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, up.stderr
     info = json.loads(up.stdout)
+    labels = _docker("network", "inspect", "-f", "{{json .Labels}}", f"aphrodite-{LAB}")
+    assert json.loads(labels) == {"io.aphrodite.lab": LAB}
     try:
         host = info["hosts"][0]
         assert host["address"] == "172.28.99.11"
@@ -50,6 +52,7 @@ def test_up_reaches_the_host_over_ssh_and_down_leaves_nothing() -> None:
     assert down.returncode == 0, down.stderr
     for kind in ("ps -a", "volume ls", "network ls"):
         assert _docker(*kind.split(), "-q", "--filter", f"label=io.aphrodite.lab={LAB}") == "", kind
+    assert _docker("network", "ls", "-q", "--filter", f"name=^aphrodite-{LAB}$") == ""
     masters = subprocess.run(["pgrep", "-f", "ControlPath=/tmp/lc-"], capture_output=True, text=True)
     assert masters.stdout.strip() == "", "an SSH control master to the removed host is still running"
     assert not (ROOT / ".lab" / LAB).exists()
