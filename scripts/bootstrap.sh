@@ -9,13 +9,15 @@ log() { printf 'bootstrap: %s\n' "$*"; }
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Debian packages: the Docker engine, debootstrap for the host image, and
-# the linters (shellcheck) and git.  Install only what is missing.
+# Debian packages: the Docker engine, debootstrap for the host image,
+# the linters (shellcheck), promtool for the alert rule tests (package
+# prometheus) and git.  Install only what is missing.
 need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v shellcheck >/dev/null || need+=(shellcheck)
+command -v promtool >/dev/null || need+=(prometheus)
 command -v git >/dev/null || need+=(git)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then

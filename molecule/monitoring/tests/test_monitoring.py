@@ -1,0 +1,277 @@
+"""Monitoring, checked through the running services: Prometheus' HTTP API, the exporters'
+sockets, Docker on the GPU node, promtool on the monitoring host and the edge itself."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import ssl
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+ROOT = Path(__file__).resolve().parents[3]
+ROLE = ROOT / "roles" / "monitoring"
+DASHBOARDS = sorted((ROLE / "files" / "dashboards").glob("*.json"))
+RULE_TESTS = ROLE / "files" / "tests" / "aphrodite_rules_test.yml"
+RULES_FILE = "/etc/prometheus/rules/aphrodite.rules.yml"
+# Matches molecule.yml; the key is a test value.
+API_KEY = "test-monitoring-key-3c9d1e7a5b2f4680"
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+TIMEOUT = 90
+
+
+def _groups(host) -> list[str]:
+    return host.ansible.get_variables().get("group_names", [])
+
+
+def _address(host) -> str:
+    return host.ansible.get_variables()["ansible_host"]
+
+
+def _monitoring_only(host) -> None:
+    """Scenario-wide checks run once, from the monitoring host's point of view."""
+    if "monitoring" not in _groups(host):
+        pytest.skip("checked once, on the monitoring host")
+
+
+def _host_of(host, group: str):
+    names = host.ansible.get_variables()["groups"][group]
+    return host.get_host(f"ansible://{names[0]}", ansible_inventory=host.backend.ansible_inventory)
+
+
+def _get(url: str, timeout: float = 10) -> dict:
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (lab addresses)
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def prometheus(host) -> str:
+    return f"http://{_address(_host_of(host, 'monitoring'))}:9090"
+
+
+def _query(prometheus: str, expr: str) -> list:
+    data = _get(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    assert data["status"] == "success", data
+    return data["data"]["result"]
+
+
+def _targets(prometheus: str) -> list:
+    return _get(f"{prometheus}/api/v1/targets?state=active")["data"]["activeTargets"]
+
+
+@pytest.fixture(scope="module")
+def engine_replicas(host) -> dict:
+    """Replica -> (model, port) of the engine containers Docker runs on the GPU node."""
+    _monitoring_only(host)
+    gpu = _host_of(host, "gpu_nodes")
+    with gpu.sudo():
+        out = gpu.check_output("docker ps --filter label=io.aphrodite.replica "
+                               "--format '{{json .Labels}}'")
+    replicas = {}
+    for line in out.splitlines():
+        labels = dict(item.split("=", 1) for item in json.loads(line).split(","))
+        replicas[labels["io.aphrodite.replica"]] = (labels["io.aphrodite.model"], labels["io.aphrodite.port"])
+    assert replicas, "prepare.yml should have started stand-in engines"
+    return replicas
+
+
+@pytest.fixture(scope="module")
+def traffic(host, prometheus) -> None:
+    """Chat completions through the edge, so that request, latency and token series move."""
+    _monitoring_only(host)
+    lb = _address(_host_of(host, "loadbalancers"))
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the lab's private edge CA; TLS itself is the edge scenario's test
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}],
+                       "max_tokens": 4}).encode()
+    for _ in range(12):
+        request = urllib.request.Request(f"https://{lb}/v1/chat/completions", data=body, method="POST",
+                                         headers={"Authorization": f"Bearer {API_KEY}",
+                                                  "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30, context=context) as response:  # noqa: S310
+            assert response.status == 200
+    # Two scrapes (5 s apart in this scenario) of every target after the traffic.
+    time.sleep(12)
+
+
+def _wait(check, timeout: float = TIMEOUT, delay: float = 2):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+
+
+# --------------------------------------------------------------------------- targets
+def test_every_target_is_up_and_every_host_engine_and_lb_is_scraped(host, prometheus, engine_replicas):
+    _monitoring_only(host)
+    groups = host.ansible.get_variables()["groups"]
+
+    def check():
+        targets = _targets(prometheus)
+        down = [(t["labels"]["job"], t["labels"]["instance"], t["lastError"]) for t in targets if t["health"] != "up"]
+        assert not down, f"targets not up: {down}"
+        return targets
+
+    targets = _wait(check)
+    by_job: dict = {}
+    for target in targets:
+        by_job.setdefault(target["labels"]["job"], []).append(target["labels"])
+    for job, group in (("node", "all"), ("dcgm", "gpu_nodes"), ("haproxy", "loadbalancers"),
+                       ("tls", "loadbalancers"), ("alertmanager", "monitoring")):
+        assert sorted(t["instance"] for t in by_job[job]) == sorted(groups[group]), job
+    engines = {t["replica"]: (t["model"], t["instance"].rsplit(":", 1)[1]) for t in by_job["aphrodite-engine"]}
+    assert engines == engine_replicas
+
+
+def test_exporters_listen_only_on_the_private_address(host):
+    address = _address(host)
+    assert host.socket(f"tcp://{address}:9100").is_listening
+    assert not host.socket("tcp://0.0.0.0:9100").is_listening
+    if "gpu_nodes" in _groups(host):
+        assert host.socket(f"tcp://{address}:9400").is_listening
+        assert not host.socket("tcp://0.0.0.0:9400").is_listening
+
+
+def test_dcgm_exporter_sees_every_gpu_of_the_node(host, prometheus):
+    _monitoring_only(host)
+    gpu = _host_of(host, "gpu_nodes")
+    name = gpu.ansible.get_variables()["inventory_hostname"]
+    with gpu.sudo():
+        inspect = json.loads(gpu.check_output("docker inspect dcgm-exporter"))[0]
+    requests = inspect["HostConfig"]["DeviceRequests"]
+    assert [(r["Driver"], r["DeviceIDs"]) for r in requests] == [("cdi", ["nvidia.com/gpu=all"])]
+    assert inspect["HostConfig"]["NetworkMode"] == "host"
+    # The lab's CDI spec has eight devices; all of them reach the exporter.
+    result = _wait(lambda: _nonempty(_query(prometheus, f'DCGM_FI_DEV_GPU_UTIL{{instance="{name}"}}')))
+    assert sorted(int(r["metric"]["gpu"]) for r in result) == list(range(8))
+
+
+def _nonempty(result: list) -> list:
+    assert result
+    return result
+
+
+# --------------------------------------------------------------------------- dashboards
+def _panel_queries() -> list:
+    queries = []
+    for path in DASHBOARDS:
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel.get("targets", []):
+                queries.append(pytest.param(target["expr"], id=f"{path.stem}:{panel['title']}:{target['refId']}"))
+    return queries
+
+
+@pytest.mark.parametrize("expr", _panel_queries())
+def test_dashboard_query_returns_data(host, prometheus, traffic, expr):
+    _monitoring_only(host)
+    # Grafana's own variable: a window that holds several scrapes.
+    promql = expr.replace("$__rate_interval", "1m")
+
+    def check():
+        result = _query(prometheus, promql)
+        values = [float(r["value"][1]) for r in result]
+        assert any(not math.isnan(v) for v in values), f"{promql} returned {result}"
+
+    _wait(check, timeout=60)
+
+
+# --------------------------------------------------------------------------- rules and alerts
+def test_prometheus_loaded_every_rule(host, prometheus):
+    _monitoring_only(host)
+    groups = _get(f"{prometheus}/api/v1/rules")["data"]["groups"]
+    rules = {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
+    expected = set(re.findall(r"^\s+- alert: (\w+)$",
+                              (ROLE / "templates/etc/prometheus/rules/aphrodite.rules.yml.j2").read_text(), re.M))
+    assert set(rules) == expected
+    assert set(rules.values()) == {"ok"}
+
+
+def test_rule_unit_tests_pass_against_the_rules_prometheus_loaded(host):
+    _monitoring_only(host)
+    workdir = "/var/tmp/aphrodite-rule-tests"
+    with host.sudo():
+        host.check_output(f"install -d -m 0755 {workdir}")
+        copied = host.ansible("copy", f"src={RULE_TESTS} dest={workdir}/{RULE_TESTS.name} mode=0644",
+                              check=False, become=True)
+        assert not copied.get("failed"), copied
+        host.check_output(f"cp {RULES_FILE} {workdir}/aphrodite.rules.yml")
+        result = host.run(f"cd {workdir} && promtool test rules {RULE_TESTS.name}")
+        host.run(f"rm -rf {workdir}")
+    assert result.rc == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_the_watchdog_alert_reaches_alertmanager(host):
+    _monitoring_only(host)
+    url = f"http://{_address(host)}:9093/api/v2/alerts"
+
+    def check():
+        names = {alert["labels"]["alertname"] for alert in _get(url)}
+        assert "AphroditeMonitoringWatchdog" in names, names
+        return names
+
+    names = _wait(check)
+    # Nothing is wrong in the lab: the watchdog is the only alert.
+    assert names == {"AphroditeMonitoringWatchdog"}
+
+
+def test_alertmanager_configuration_is_closed_to_others(host):
+    _monitoring_only(host)
+    config = host.file("/etc/prometheus/alertmanager.yml")
+    assert config.mode == 0o640
+    assert (config.user, config.group) == ("root", "prometheus")
+
+
+def test_tls_probe_reports_the_certificate_the_edge_serves(host, prometheus):
+    _monitoring_only(host)
+    lb_host = _host_of(host, "loadbalancers")
+    name = lb_host.ansible.get_variables()["inventory_hostname"]
+    pem = ssl.get_server_certificate((_address(lb_host), 443))
+    not_after = x509.load_pem_x509_certificate(pem.encode()).not_valid_after_utc.timestamp()
+    result = _wait(lambda: _nonempty(_query(prometheus, f'probe_ssl_earliest_cert_expiry{{instance="{name}"}}')))
+    assert float(result[0]["value"][1]) == not_after
+
+
+# --------------------------------------------------------------------------- an outage, last
+def test_a_hung_replica_raises_its_alerts_and_comes_back(host, prometheus, engine_replicas):
+    """The rules match the labels the real targets carry: a replica that stops answering
+    (its container frozen) sets off AphroditeReplicaDown (Prometheus' scrapes time out) and
+    AphroditeLBServerDown (HAProxy's health checks do)."""
+    _monitoring_only(host)
+    gpu = _host_of(host, "gpu_nodes")
+    replica = sorted(engine_replicas)[0]
+
+    def alerts() -> dict:
+        found = _get(f"{prometheus}/api/v1/alerts")["data"]["alerts"]
+        return {(a["labels"]["alertname"], a["labels"].get("replica") or a["labels"].get("server")): a["state"]
+                for a in found}
+
+    with gpu.sudo():
+        gpu.check_output(f"docker pause aphrodite-{replica}")
+        try:
+            def raised():
+                active = alerts()
+                assert ("AphroditeReplicaDown", replica) in active, active
+                assert ("AphroditeLBServerDown", replica) in active, active
+
+            _wait(raised, timeout=60)
+        finally:
+            gpu.check_output(f"docker unpause aphrodite-{replica}")
+
+    def recovered():
+        target = [t for t in _targets(prometheus) if t["labels"].get("replica") == replica]
+        assert [t["health"] for t in target] == ["up"]
+        assert ("AphroditeReplicaDown", replica) not in alerts()
+
+    _wait(recovered, timeout=120)
