@@ -35,6 +35,7 @@ DEFAULT_HOSTS_GROUP = "gpu_nodes"
 MODEL_KEYS = frozenset((
     "id", "config", "quantization", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
     "hosts", "replicas", "objective", "kv_cache_dtype", "served_model_name", "name", "enforce_eager",
+    "source", "revision",
 ))
 
 

@@ -393,6 +393,13 @@ def test_inline_config_mapping():
     assert len(replicas_of(result)) == 4
 
 
+def test_staging_keys_are_accepted_and_leave_the_plan_unchanged():
+    # source and revision are read by the model_store role, not the planner.
+    staged = {**model("llama-3.1-8b-instruct"), "revision": "0e9e39f249a16976918f6564b8830bc894c89659",
+              "source": {"type": "local", "path": "models/llama-3.1-8b-instruct"}}
+    assert plan({"gpu1": H100X8}, staged).to_dict() == plan({"gpu1": H100X8}, model("llama-3.1-8b-instruct")).to_dict()
+
+
 def test_plans_are_deterministic():
     first = plan({"gpu1": H100X8, "gpu2": H100X8}, model("llama-3.1-70b-instruct"), model("llama-3.1-8b-instruct")).to_dict()
     second = plan({"gpu1": H100X8, "gpu2": H100X8}, model("llama-3.1-70b-instruct"), model("llama-3.1-8b-instruct")).to_dict()
