@@ -1,8 +1,43 @@
-"""Base layer, checked on the running hosts rather than in the files the role wrote."""
+"""site.yml end to end, checked on the running services rather than in the files the roles wrote."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import ssl
+import urllib.error
+import urllib.request
+
+import pytest
+import testinfra
+
+CLIENT_KEY = "test-client-key-51c8e0f2a9d37b64"
+MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def _host(name: str):
+    return testinfra.get_host(f"ansible://{name}?ansible_inventory={os.environ['MOLECULE_INVENTORY_FILE']}")
+
+
+@pytest.fixture(scope="module")
+def lb():
+    return _host("mol-lb1")
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    return _host("mol-gpu1")
+
+
+@pytest.fixture(scope="module")
+def nfs():
+    return _host("mol-nfs1")
+
+
+def _address(h) -> str:
+    return h.ansible.get_variables()["ansible_host"]
 
 
 def test_service_account_cannot_log_in(host):
@@ -17,14 +52,80 @@ def test_fleet_directories_closed_to_others(host):
         directory = host.file(path)
         assert directory.is_directory
         assert directory.mode == 0o750
-        assert directory.group == "aphrodite"
 
 
 def test_journald_runs_with_the_bounded_persistent_journal(host):
     assert host.service("systemd-journald").is_running
-    # journald itself reports where it writes and the limit it applies.
     with host.sudo():
         machine_id = host.file("/etc/machine-id").content_string.strip()
         assert host.file(f"/var/log/journal/{machine_id}").is_directory
         report = host.check_output("journalctl --no-pager -b -u systemd-journald")
     assert re.search(r"System Journal \(/var/log/journal/\w+\) is .*, max 2(\.0)?G", report)
+
+
+def _replicas(gpu) -> list[dict]:
+    with gpu.sudo():
+        names = gpu.check_output("docker ps --filter label=io.aphrodite.replica --format '{{.Names}}'").split()
+        return [json.loads(gpu.check_output(f"docker inspect {n}"))[0] for n in sorted(names)]
+
+
+def test_replicas_run_with_exactly_their_planned_gpus(gpu):
+    replicas = _replicas(gpu)
+    assert [r["Config"]["Labels"]["io.aphrodite.replica"] for r in replicas] == ["llama-3-1-8b-0", "llama-3-1-8b-1"]
+    devices = [r["HostConfig"]["DeviceRequests"][0]["DeviceIDs"] for r in replicas]
+    assert devices == [["nvidia.com/gpu=0"], ["nvidia.com/gpu=1"]]
+    for replica in replicas:
+        # The key reaches the engine by environment file, never on its command line.
+        assert not any("test-engine-key" in arg for arg in replica["Args"])
+        assert replica["HostConfig"]["NetworkMode"] == "host"
+
+
+def test_each_replica_serves_the_staged_model_with_its_devices(lb, gpu, nfs):
+    with nfs.sudo():
+        exported = nfs.check_output(
+            "sha256sum /srv/exports/models/meta-llama/Llama-3.1-8B-Instruct/config.json").split()[0]
+    for port, device in ((2242, 0), (2243, 1)):
+        report = json.loads(lb.check_output(f"curl -sf http://{_address(gpu)}:{port}/lab/report"))
+        assert report["cdi_devices"] == [device]
+        assert report["model_config_sha256"] == exported
+        assert report["served_model_names"] == [MODEL]
+        assert report["host"] == _address(gpu)
+
+
+def test_engine_ports_are_closed_to_everyone_but_the_edge_and_monitoring(gpu):
+    # This machine is outside the fleet: the firewall drops it.
+    with pytest.raises(OSError):
+        socket.create_connection((_address(gpu), 2242), timeout=3).close()
+
+
+def test_a_chat_completion_through_the_edge(lb):
+    with lb.sudo():
+        ca = lb.file("/etc/haproxy/pki/ca.crt").content_string
+    context = ssl.create_default_context(cadata=ca)
+    context.check_hostname = False  # the certificate names the LB's private address and name
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).encode()
+    request = urllib.request.Request(f"https://{_address(lb)}/v1/chat/completions", data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=context, timeout=30) as response:
+        answer = json.loads(response.read())
+    assert response.status == 200
+    assert answer["model"] == MODEL and answer["choices"][0]["message"]["content"]
+
+
+def test_the_edge_refuses_a_request_without_a_key(lb):
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    request = urllib.request.Request(f"https://{_address(lb)}/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, context=context, timeout=30)
+    assert refused.value.code == 401
+
+
+def test_prometheus_scrapes_the_replicas(nfs):
+    url = f"http://{_address(nfs)}:9090/api/v1/targets"
+    targets = json.loads(nfs.check_output(f"curl -sf {url}"))["data"]["activeTargets"]
+    engines = [t for t in targets if t["labels"].get("replica", "").startswith("llama-3-1-8b-")]
+    assert sorted(t["labels"]["replica"] for t in engines) == ["llama-3-1-8b-0", "llama-3-1-8b-1"]
+    assert all(t["health"] == "up" for t in engines), [(t["labels"]["replica"], t["lastError"]) for t in engines]
