@@ -41,8 +41,7 @@ def test_argument_spec_defaults_match_defaults_file(role: Path) -> None:
     for name, value in _defaults(role).items():
         assert options[name].get("default") == value, f"{role.name}: {name} default differs"
         assert options[name].get("description"), f"{role.name}: {name} has no description"
-        prefix = "aphrodite_" if role.name == "fleet" else f"{role.name}_"  # fleet-wide settings
-        assert name.startswith(prefix), f"{role.name}: public variable {name} lacks the prefix {prefix}"
+        assert name.startswith(f"{role.name}_"), f"{role.name}: public variable {name} lacks the role prefix"
 
 
 @pytest.mark.parametrize("role", ROLES, ids=lambda p: p.name)
