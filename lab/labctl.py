@@ -161,77 +161,54 @@ def build_image() -> str:
 
 
 ENGINE_TAG = "aphrodite-standin:0.24.1-lab"
-
-
-def build_engine_image() -> Path:
-    """Build the stand-in engine image and save it where the lab inventory loads it from.
-
-    No registry is reachable, so GPU nodes get the image as an archive
-    (engine_image_archive), as an air-gapped site would.
-    """
-    base = build_base(apt_mirror())
-    src = LAB_DIR / "fixtures" / "engine"
-    flags = ROOT / "plugins" / "module_utils" / "_engine_flags.py"
-    files = [src / "Dockerfile", src / "standin.py", flags]
-    digest = recipe_digest([base.encode()] + [p.name.encode() + p.read_bytes() for p in files])
-    archive = STATE_ROOT / "images" / "aphrodite-standin.tar.gz"
-    stamp = archive.parent / "aphrodite-standin.digest"
-    if archive.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
-        return archive
-    print(f"lab: building stand-in engine image {ENGINE_TAG} ({digest})", flush=True)
-    with tempfile.TemporaryDirectory(prefix="aphrodite-standin-") as tmp:
-        for path in files:
-            shutil.copy2(path, tmp)
-        proc = run(["docker", "build", "-q", "--build-arg", f"BASE={base}", "-t", ENGINE_TAG, tmp], check=False)
-        if proc.returncode != 0:
-            raise LabError("docker build of the stand-in engine failed:\n" + proc.stderr.decode())
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    with open(archive, "wb") as out:
-        save = subprocess.Popen(["docker", "save", ENGINE_TAG], stdout=subprocess.PIPE)
-        gz = subprocess.run(["gzip", "-1"], stdin=save.stdout, stdout=out, check=False)
-        save.wait()
-    if save.returncode != 0 or gz.returncode != 0:
-        archive.unlink(missing_ok=True)
-        raise LabError(f"docker save {ENGINE_TAG} failed")
-    stamp.write_text(digest + "\n")
-    return archive
-
-
 DCGM_TAG = "aphrodite-dcgm-standin:4.2.3-4.1.3-lab"
 
 
-def build_dcgm_image() -> Path:
-    """Build the DCGM exporter stand-in image and save it where the lab inventory loads it from.
+def build_fixture_image(tag: str, files: list[Path], what: str) -> Path:
+    """Build a stand-in image from ``files`` and save it as a gzipped archive in .lab/images.
 
-    Lab GPU nodes have no GPU for NVIDIA's exporter to read; the stand-in serves the same
-    metric names for the CDI devices it is given.  Loaded from its archive
-    (monitoring_dcgm_image_archive), as an air-gapped site would.
+    No registry is reachable, so GPU nodes load such images from archives (the roles'
+    *_image_archive variables), as an air-gapped site would.  Rebuilt only when the base
+    image or one of the files changes.
     """
     base = build_base(apt_mirror())
-    src = LAB_DIR / "fixtures" / "dcgm"
-    files = [src / "Dockerfile", src / "dcgm_standin.py"]
     digest = recipe_digest([base.encode()] + [p.name.encode() + p.read_bytes() for p in files])
-    archive = STATE_ROOT / "images" / "aphrodite-dcgm-standin.tar.gz"
-    stamp = archive.parent / "aphrodite-dcgm-standin.digest"
+    name = tag.split(":", 1)[0]
+    archive = STATE_ROOT / "images" / f"{name}.tar.gz"
+    stamp = archive.parent / f"{name}.digest"
     if archive.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         return archive
-    print(f"lab: building DCGM exporter stand-in image {DCGM_TAG} ({digest})", flush=True)
-    with tempfile.TemporaryDirectory(prefix="aphrodite-dcgm-") as tmp:
+    print(f"lab: building the {what} image {tag} ({digest})", flush=True)
+    with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
         for path in files:
             shutil.copy2(path, tmp)
-        proc = run(["docker", "build", "-q", "--build-arg", f"BASE={base}", "-t", DCGM_TAG, tmp], check=False)
+        proc = run(["docker", "build", "-q", "--build-arg", f"BASE={base}", "-t", tag, tmp], check=False)
         if proc.returncode != 0:
-            raise LabError("docker build of the DCGM exporter stand-in failed:\n" + proc.stderr.decode())
+            raise LabError(f"docker build of the {what} image failed:\n" + proc.stderr.decode())
     archive.parent.mkdir(parents=True, exist_ok=True)
     with open(archive, "wb") as out:
-        save = subprocess.Popen(["docker", "save", DCGM_TAG], stdout=subprocess.PIPE)
+        save = subprocess.Popen(["docker", "save", tag], stdout=subprocess.PIPE)
         gz = subprocess.run(["gzip", "-1"], stdin=save.stdout, stdout=out, check=False)
         save.wait()
     if save.returncode != 0 or gz.returncode != 0:
         archive.unlink(missing_ok=True)
-        raise LabError(f"docker save {DCGM_TAG} failed")
+        raise LabError(f"docker save {tag} failed")
     stamp.write_text(digest + "\n")
     return archive
+
+
+def build_engine_image() -> Path:
+    """The stand-in engine: aphrodite-engine 0.24.1 at its interfaces (engine_image_archive)."""
+    src = LAB_DIR / "fixtures" / "engine"
+    flags = ROOT / "plugins" / "module_utils" / "_engine_flags.py"
+    return build_fixture_image(ENGINE_TAG, [src / "Dockerfile", src / "standin.py", flags], "stand-in engine")
+
+
+def build_dcgm_image() -> Path:
+    """The DCGM exporter stand-in: DCGM's metric names for the CDI devices it is given
+    (monitoring_dcgm_image_archive); lab GPU nodes have no GPU for NVIDIA's exporter."""
+    src = LAB_DIR / "fixtures" / "dcgm"
+    return build_fixture_image(DCGM_TAG, [src / "Dockerfile", src / "dcgm_standin.py"], "DCGM exporter stand-in")
 
 
 # --------------------------------------------------------------------------- hosts
