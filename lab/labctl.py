@@ -123,7 +123,7 @@ def build_base(mirror: str) -> str:
         return tag
     if shutil.which("debootstrap") is None:
         raise LabError("debootstrap is missing: run scripts/bootstrap.sh (apt-get install debootstrap)")
-    print(f"lab: debootstrapping Debian {SUITE} (about 80 s) -> {tag}", flush=True)
+    print(f"lab: debootstrapping Debian {SUITE} (about 80 s) -> {tag}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="aphrodite-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
         run(["debootstrap", "--variant=minbase", f"--include={PACKAGES}", SUITE, str(rootfs), mirror])
@@ -152,7 +152,7 @@ def build_image() -> str:
     tag = "aphrodite-lab-host:" + recipe_digest([base.encode()] + [p.name.encode() + p.read_bytes() for p in files])
     if image_exists(tag):
         return tag
-    print(f"lab: building host image {tag}", flush=True)
+    print(f"lab: building host image {tag}", file=sys.stderr, flush=True)
     proc = run(["docker", "build", "-q", "--build-arg", f"BASE={base}", "-t", tag, str(LAB_DIR / "image")],
                check=False)
     if proc.returncode != 0:
@@ -178,7 +178,7 @@ def build_fixture_image(tag: str, files: list[Path], what: str) -> Path:
     stamp = archive.parent / f"{name}.digest"
     if archive.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
         return archive
-    print(f"lab: building the {what} image {tag} ({digest})", flush=True)
+    print(f"lab: building the {what} image {tag} ({digest})", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix=f"{name}-") as tmp:
         for path in files:
             shutil.copy2(path, tmp)
