@@ -138,7 +138,7 @@ def inventory_ignore_patterns() -> list[str]:
 
 
 def _read_cfg() -> configparser.ConfigParser | None:
-    path = _ansible_cfg()
+    path = ansible_cfg()
     if path is None:
         return None
     parser = configparser.ConfigParser(interpolation=None, strict=False)
@@ -152,9 +152,10 @@ def _read_cfg() -> configparser.ConfigParser | None:
 # --------------------------------------------------------------------------- fact cache
 
 
-def _ansible_cfg() -> Path | None:
-    """The ansible.cfg that Ansible would use, in its own search order."""
-    candidates = [os.environ.get("ANSIBLE_CONFIG"), "ansible.cfg", "~/.ansible.cfg", "/etc/ansible/ansible.cfg"]
+def ansible_cfg(workdir: Path | None = None) -> Path | None:
+    """The ansible.cfg that Ansible would use when run in ``workdir`` (default: here), in its own search order."""
+    local = str(workdir / "ansible.cfg") if workdir else "ansible.cfg"
+    candidates = [os.environ.get("ANSIBLE_CONFIG"), local, "~/.ansible.cfg", "/etc/ansible/ansible.cfg"]
     for candidate in candidates:
         if not candidate:
             continue
@@ -182,7 +183,7 @@ def default_fact_cache() -> FactCache | None:
     timeout = os.environ.get("ANSIBLE_CACHE_PLUGIN_TIMEOUT")
     prefix = os.environ.get("ANSIBLE_CACHE_PLUGIN_PREFIX")
     base = Path.cwd()
-    cfg_path = _ansible_cfg()
+    cfg_path = ansible_cfg()
     parser = _read_cfg()
     if cfg_path is not None and parser is not None and parser.has_section("defaults"):
         plugin = plugin or parser.get("defaults", "fact_caching", fallback=None)

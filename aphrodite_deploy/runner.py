@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .inventory import ansible_cfg
+
 DEFAULT_KEEP = 20
 ENV_ARTIFACTS = "APHRODITE_DEPLOY_ARTIFACTS"
 ENV_PROJECT = "APHRODITE_DEPLOY_PROJECT"
@@ -81,25 +83,11 @@ def artifacts_root(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(cache).expanduser().resolve() / "aphrodite-deploy"
 
 
-def _ansible_cfg(project_dir: Path) -> Path | None:
-    """The ansible.cfg that Ansible will read when it runs in the project directory."""
-    for candidate in (os.environ.get("ANSIBLE_CONFIG"), str(project_dir / "ansible.cfg"), "~/.ansible.cfg",
-                      "/etc/ansible/ansible.cfg"):
-        if not candidate:
-            continue
-        path = Path(candidate).expanduser()
-        if path.is_dir():
-            path = path / "ansible.cfg"
-        if path.is_file():
-            return path
-    return None
-
-
 def host_key_checking(project_dir: Path) -> str:
     """Ansible's own setting (ansible-runner would turn checking off): environment, ansible.cfg, else on."""
     if "ANSIBLE_HOST_KEY_CHECKING" in os.environ:
         return os.environ["ANSIBLE_HOST_KEY_CHECKING"]
-    cfg = _ansible_cfg(project_dir)
+    cfg = ansible_cfg(project_dir)
     if cfg is not None:
         parser = configparser.ConfigParser(interpolation=None, strict=False)
         try:
