@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from ansible.module_utils import basic
 from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._gpu_parse import QUERY_GPU_ARGS
 from ansible_collections.aphrodite.baremetal.plugins.modules import gpu_facts
+from module_harness import ExitJson, FailJson, module_exits  # noqa: F401  (autouse fixture)
 
 RECORDED = Path(__file__).resolve().parents[3] / "fixtures" / "nvidia_smi"
 H100_BUS_IDS = [
@@ -25,27 +25,6 @@ H100_BUS_IDS = [
     "0000:9a:00.0", "0000:ab:00.0", "0000:ba:00.0", "0000:db:00.0",
 ]
 LSPCI_NOTE = "counted GPUs with lspci (names only, no memory)"
-
-
-class ExitJson(Exception):
-    """AnsibleModule.exit_json was called."""
-
-
-class FailJson(Exception):
-    """AnsibleModule.fail_json was called."""
-
-
-@pytest.fixture(autouse=True)
-def module_exits(monkeypatch: pytest.MonkeyPatch) -> None:
-    def exit_json(self, **kwargs):
-        raise ExitJson(kwargs)
-
-    def fail_json(self, msg, **kwargs):
-        kwargs["msg"] = msg
-        raise FailJson(kwargs)
-
-    monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
-    monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
 
 
 class Host:

@@ -7,34 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ansible.module_utils import basic
 from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.aphrodite.baremetal.plugins.modules import model_verify
+from module_harness import ExitJson, FailJson, module_exits  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[4]
 LAB_MODEL = ROOT / "lab" / "fixtures" / "models" / "llama-3.1-8b-instruct"
-
-
-class ExitJson(Exception):
-    """AnsibleModule.exit_json was called."""
-
-
-class FailJson(Exception):
-    """AnsibleModule.fail_json was called."""
-
-
-@pytest.fixture(autouse=True)
-def module_exits(monkeypatch: pytest.MonkeyPatch) -> None:
-    def exit_json(self, **kwargs):
-        raise ExitJson(kwargs)
-
-    def fail_json(self, msg, **kwargs):
-        kwargs["msg"] = msg
-        raise FailJson(kwargs)
-
-    monkeypatch.setattr(basic.AnsibleModule, "exit_json", exit_json)
-    monkeypatch.setattr(basic.AnsibleModule, "fail_json", fail_json)
 
 
 def run(args: dict, expect: type = ExitJson, check_mode: bool = False) -> dict:
