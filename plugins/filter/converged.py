@@ -1,0 +1,61 @@
+# Copyright: aphrodite.baremetal contributors
+# Apache License 2.0 (see LICENSE)
+"""The fast path's fingerprint of a run's inputs (documented in fleet_fingerprint.yml)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ansible.errors import AnsibleFilterError
+
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._fingerprint import (
+    code_digest,
+    fingerprint,
+    is_input_variable,
+    stable_facts,
+)
+
+# plugins/filter/converged.py -> the collection's root (a checkout or an installed collection).
+_COLLECTION_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _host_inputs(variables: Any) -> dict:
+    try:
+        facts = variables["ansible_facts"] if "ansible_facts" in variables else {}
+    except Exception:  # noqa: BLE001 - an unreadable fact cache entry is no input
+        facts = {}
+    facts = facts if isinstance(facts, Mapping) else {}
+    picked = {}
+    for name in sorted(variables):
+        if not is_input_variable(name, facts):
+            continue
+        try:
+            picked[name] = variables[name]
+        except Exception as exc:  # noqa: BLE001 - templated out of any role: note what failed, stably
+            picked[name] = f"<unresolved {type(exc).__name__}: {exc}>"
+    return {"vars": picked, "facts": stable_facts(facts)}
+
+
+def fleet_fingerprint(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) -> str:
+    """SHA-256 of every input of the run; see fleet_fingerprint.yml."""
+    if not isinstance(groups, Mapping):
+        raise AnsibleFilterError("fleet_fingerprint needs the inventory's groups: hostvars | fleet_fingerprint(groups['all'], groups)")
+    if isinstance(hosts, str) or not hasattr(hosts, "__iter__"):
+        raise AnsibleFilterError("fleet_fingerprint needs a list of hosts, for example groups['all']")
+    collected = {}
+    for host in hosts:
+        try:
+            variables = hostvars[host]
+        except KeyError:
+            continue
+        collected[str(host)] = _host_inputs(variables)
+    return fingerprint(collected, groups, plan, code_digest(_COLLECTION_ROOT))
+
+
+class FilterModule:
+    """aphrodite.baremetal fast-path filters."""
+
+    def filters(self) -> dict:
+        return {"fleet_fingerprint": fleet_fingerprint}

@@ -1,0 +1,122 @@
+# Copyright: aphrodite.baremetal contributors
+# Apache License 2.0 (see LICENSES/Apache-2.0.txt)
+"""The fingerprint of a run's inputs, for the fast path of site.yml.
+
+A host whose recorded fingerprint equals this run's, and whose managed state is as recorded
+(plugins/modules/converged.py), is skipped.  So the fingerprint must change whenever anything
+that can change what a role does changes: every variable of every host (templated, so a
+secret read by a lookup counts), the facts the roles read, the inventory's groups, the plan
+and the collection's own code.  Anything volatile (uptime, free memory, addresses that
+move with the virtual IP, names of container veths) is left out, or no run would ever be
+fast.  Pure Python; the filter plugin feeds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+# The facts the roles read (tests/unit/test_fast_path.py holds every role to this list).
+# Facts gathered by tasks (packages, services) are probes of the host's state, not inputs.
+FACT_KEYS = (
+    "aphrodite_gpus",
+    "architecture",
+    "default_ipv4",
+    "distribution",
+    "distribution_major_version",
+    "distribution_release",
+    "distribution_version",
+    "hostname",
+    "interfaces",
+    "kernel",
+    "os_family",
+    "python",
+    "service_mgr",
+)
+# Only these parts of the facts above are stable enough to compare.
+_DEFAULT_IPV4_KEYS = ("address", "gateway", "interface", "netmask", "network", "prefix")
+_PYTHON_KEYS = ("executable", "version")
+# Interfaces that come and go with containers and bridges, not with the host's configuration.
+_VOLATILE_INTERFACE_PREFIXES = ("veth", "docker", "br-", "cali", "flannel", "cni", "vxlan")
+
+# Variables that describe the run, not the fleet: leaving them out keeps a no-op re-run
+# fast whatever flags it was started with.
+RUN_VARIABLES = frozenset({
+    "aphrodite_fast_path", "aphrodite_debug_secrets",
+    "ansible_check_mode", "ansible_diff_mode", "ansible_verbosity", "ansible_forks", "ansible_version",
+    "ansible_run_tags", "ansible_skip_tags", "ansible_limit", "ansible_config_file", "ansible_playbook_python",
+    "ansible_inventory_sources", "ansible_search_path", "ansible_collection_name", "ansible_local",
+    "ansible_facts", "ansible_failed_task", "ansible_failed_result", "ansible_loop_var", "ansible_index_var",
+    "ansible_parent_role_names", "ansible_parent_role_paths", "ansible_role_names", "ansible_dependent_role_names",
+    "ansible_play_batch", "ansible_play_hosts", "ansible_play_hosts_all", "ansible_play_name",
+    "ansible_play_role_names", "ansible_play_roles", "ansible_role_name",
+    "groups", "group_names", "hostvars", "inventory_hostname_short", "omit", "play_hosts", "playbook_dir",
+    "role_name", "role_names", "role_path", "vars", "environment",
+})
+# The collection's code: what it does with the inputs.
+CODE_DIRS = ("roles", "plugins", "playbooks")
+CODE_FILES = ("galaxy.yml", "MANIFEST.json")
+
+
+def stable_facts(facts: Any) -> dict:
+    """The parts of a host's facts that the fingerprint covers."""
+    if not isinstance(facts, Mapping):
+        return {}
+    picked: dict[str, Any] = {}
+    for key in FACT_KEYS:
+        if key not in facts:
+            continue
+        value = facts[key]
+        if key == "default_ipv4" and isinstance(value, Mapping):
+            value = {k: value.get(k) for k in _DEFAULT_IPV4_KEYS}
+        elif key == "python" and isinstance(value, Mapping):
+            value = {k: value.get(k) for k in _PYTHON_KEYS}
+        elif key == "interfaces" and isinstance(value, Iterable) and not isinstance(value, str):
+            value = sorted(str(i) for i in value if not str(i).startswith(_VOLATILE_INTERFACE_PREFIXES))
+        picked[key] = value
+    return picked
+
+
+def is_input_variable(name: str, facts: Mapping | None = None) -> bool:
+    """Whether a host variable is an input of the fleet (not a run setting, fact or private)."""
+    if name.startswith("_") or name in RUN_VARIABLES:
+        return False
+    if facts and name.startswith("ansible_") and name[len("ansible_"):] in facts:
+        return False  # a fact injected as a variable: stable_facts covers the ones that matter
+    return True
+
+
+def code_digest(root: Path) -> str:
+    """SHA-256 over the collection's roles, plugins and playbooks (paths and contents)."""
+    digest = hashlib.sha256()
+    files = [root / name for name in CODE_FILES if (root / name).is_file()]
+    for top in CODE_DIRS:
+        base = root / top
+        if base.is_dir():
+            files += [p for p in base.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"]
+    for path in sorted(files):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _json_default(value: Any) -> str:
+    # Undefined markers and other objects: their type, never their repr (it holds addresses).
+    return f"<{type(value).__name__}>"
+
+
+def fingerprint(hosts: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Iterable[str]],
+                plan: Any, code: str) -> str:
+    """SHA-256 of the fleet's inputs: per host its input variables and stable facts."""
+    document = {
+        "code": code,
+        "groups": {g: sorted(members) for g, members in sorted(groups.items())},
+        "plan": plan,
+        "hosts": {name: hosts[name] for name in sorted(hosts)},
+    }
+    text = json.dumps(document, sort_keys=True, default=_json_default, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()

@@ -1,0 +1,196 @@
+"""The converged module, run for real on files, commands and packages of this machine.
+
+Units need systemd (this machine runs without it), so they are covered in the lab
+(tests/integration/test_fast_path.py) and here only through the parser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from ansible.module_utils.testing import patch_module_args
+
+from ansible_collections.aphrodite.baremetal.plugins.modules import converged
+from module_harness import ExitJson, module_exits  # noqa: F401  (autouse fixture)
+
+FP = "a" * 64
+
+
+def run(args: dict, check_mode: bool = False) -> dict:
+    if check_mode:
+        args = dict(args, _ansible_check_mode=True)
+    with patch_module_args(args):
+        with pytest.raises(ExitJson) as result:
+            converged.main()
+    return result.value.args[0]
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> dict:
+    """A managed config directory, a big 'weights' file and where the record goes."""
+    etc = tmp_path / "etc" / "haproxy"
+    etc.mkdir(parents=True)
+    (etc / "haproxy.cfg").write_text("global\n  maxconn 4096\n")
+    (etc / "maps").mkdir()
+    (etc / "maps" / "apikeys.map").write_text("k1 customer\n")
+    weights = tmp_path / "models" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"\0" * 4096)
+    record = tmp_path / "state" / "converged.json"
+    watch = {
+        "haproxy": {"files": [str(etc), str(tmp_path / "etc" / "absent.conf")],
+                    "commands": [[sys.executable, "-c", "print('steady')"]]},
+        "model_store": {"files": [str(weights.parent)]},
+    }
+    return {"etc": etc, "weights": weights, "record": record, "watch": watch}
+
+
+def record(host: dict, fingerprint: str = FP, **extra) -> dict:
+    return run(dict({"state": "record", "fingerprint": fingerprint, "watch": host["watch"],
+                     "path": str(host["record"]), "max_hash_bytes": 1024}, **extra))
+
+
+def check(host: dict, fingerprint: str = FP, **extra) -> dict:
+    result = run(dict({"fingerprint": fingerprint, "path": str(host["record"])}, **extra))
+    assert result["changed"] is False
+    return result
+
+
+def test_nothing_recorded_is_not_converged(host: dict) -> None:
+    result = check(host)
+    assert result["converged"] is False
+    assert "nothing recorded yet" in result["reasons"][0]
+    assert not host["record"].exists()
+
+
+def test_record_then_check_is_converged_and_the_record_is_root_only(host: dict) -> None:
+    first = record(host)
+    assert first["changed"] is True and first["roles"] == ["haproxy", "model_store"]
+    assert stat.S_IMODE(host["record"].stat().st_mode) == 0o600
+    result = check(host)
+    assert result["converged"] is True, result["reasons"]
+    assert result["reasons"] == [] and result["recorded_at"] == first["recorded_at"]
+
+
+def test_recording_the_same_state_again_changes_nothing(host: dict) -> None:
+    record(host)
+    before = host["record"].read_bytes()
+    again = record(host)
+    assert again["changed"] is False
+    assert host["record"].read_bytes() == before
+
+
+def test_a_new_fingerprint_means_the_inputs_changed(host: dict) -> None:
+    record(host)
+    result = check(host, fingerprint="b" * 64)
+    assert result["converged"] is False
+    assert "inputs" in result["reasons"][0]
+    assert record(host, fingerprint="b" * 64)["changed"] is True
+
+
+@pytest.mark.parametrize("drift, expected", [
+    (lambda h: (h["etc"] / "haproxy.cfg").write_text("global\n  maxconn 1\n"), "haproxy.cfg changed"),
+    (lambda h: (h["etc"] / "haproxy.cfg").chmod(0o666), "haproxy.cfg changed"),
+    (lambda h: (h["etc"] / "maps" / "apikeys.map").unlink(), "apikeys.map is gone"),
+    (lambda h: shutil.rmtree(h["etc"] / "maps"), "maps is gone"),
+    (lambda h: (h["etc"] / "stray.cfg").write_text("x"), "stray.cfg appeared"),
+    (lambda h: (h["etc"].parent / "absent.conf").write_text("x"), "absent.conf appeared"),
+    (lambda h: h["weights"].write_bytes(b"\1" * 5000), "model.safetensors changed"),
+], ids=["content", "mode", "file-removed", "dir-removed", "file-added", "declared-file-appeared", "big-file"])
+def test_drift_is_reported_with_what_changed(host: dict, drift, expected: str) -> None:
+    record(host)
+    drift(host)
+    result = check(host)
+    assert result["converged"] is False
+    assert any(expected in reason for reason in result["reasons"]), result["reasons"]
+
+
+def test_a_big_file_is_compared_by_stat_not_content(host: dict) -> None:
+    record(host)
+    # Same size, same mtime, same inode: the quick check cannot see this (as rsync's cannot).
+    st = host["weights"].stat()
+    with open(host["weights"], "r+b") as fh:
+        fh.write(b"\7")
+    os.utime(host["weights"], ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert check(host)["converged"] is True
+    data = json.loads(host["record"].read_text())
+    assert "sha256" not in data["snapshot"]["model_store"]["files"][str(host["weights"])]
+
+
+def test_command_output_drift(host: dict, tmp_path: Path) -> None:
+    flag = tmp_path / "flag"
+    flag.write_text("on")
+    host["watch"]["haproxy"]["commands"] = [[sys.executable, "-c", f"print(open({str(flag)!r}).read())"]]
+    record(host)
+    assert check(host)["converged"] is True
+    flag.write_text("off")
+    reasons = check(host)["reasons"]
+    assert len(reasons) == 1 and "the output of" in reasons[0]
+
+
+def test_a_missing_command_is_recorded_not_fatal(host: dict) -> None:
+    host["watch"]["haproxy"]["commands"] = [["/nonexistent/tool", "--version"]]
+    record(host)
+    assert check(host)["converged"] is True
+
+
+def test_the_record_itself_is_never_part_of_the_snapshot(host: dict) -> None:
+    host["watch"]["common"] = {"files": [str(host["record"].parent)]}
+    host["record"].parent.mkdir()
+    record(host)
+    # Writing the record changed its directory's content; that is not drift.
+    assert check(host)["converged"] is True
+    assert record(host)["changed"] is False
+
+
+def test_check_mode_record_writes_nothing(host: dict) -> None:
+    result = record(host, _ansible_check_mode=True)
+    assert result["changed"] is True
+    assert not host["record"].exists()
+
+
+def test_an_unreadable_record_is_not_converged(host: dict) -> None:
+    host["record"].parent.mkdir()
+    host["record"].write_text("{not json")
+    result = check(host)
+    assert result["converged"] is False and "unreadable" in result["reasons"][0]
+
+
+def test_packages_of_this_machine(host: dict) -> None:
+    if shutil.which("dpkg-query") is None:
+        pytest.skip("dpkg-query missing")
+    host["watch"]["common"] = {"packages": ["dpkg", "coreutils=9*", "no-such-package-aphrodite"]}
+    record(host)
+    data = json.loads(host["record"].read_text())
+    packages = data["snapshot"]["common"]["packages"]
+    assert packages["no-such-package-aphrodite"] == "absent"
+    assert packages["dpkg"] not in ("absent", "") and packages["coreutils"] not in ("absent", "")
+    assert check(host)["converged"] is True
+
+
+def test_units_are_parsed_from_one_systemctl_call() -> None:
+    class Module:
+        def get_bin_path(self, name):
+            return "/bin/systemctl"
+
+        def run_command(self, argv, environ_update=None):
+            assert argv[:3] == ["/bin/systemctl", "show", "--property=Id,ActiveState,UnitFileState"]
+            return 0, ("Id=haproxy.service\nActiveState=active\nUnitFileState=enabled\n\n"
+                       "Id=nope.service\nActiveState=inactive\nUnitFileState=\n"), ""
+
+    states = converged.snapshot_units(Module(), ["haproxy.service", "nope.service"])
+    assert states == {"haproxy.service": "active/enabled", "nope.service": "inactive/-"}
+
+
+def test_differences_name_units_and_packages() -> None:
+    old = {"haproxy": {"units": {"haproxy.service": "active/enabled"}, "packages": {"haproxy": "2.8.5"}}}
+    new = {"haproxy": {"units": {"haproxy.service": "failed/enabled"}, "packages": {"haproxy": "absent"}}}
+    reasons = converged.differences(old, new)
+    assert "haproxy: unit haproxy.service is failed/enabled, was active/enabled" in reasons
+    assert "haproxy: package haproxy is absent, was 2.8.5" in reasons
