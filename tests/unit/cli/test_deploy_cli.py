@@ -55,9 +55,9 @@ def test_progress_names_each_stage_and_host_off_a_terminal(monkeypatch):
     code, _out, err = run(["deploy", "-i", "inventories/lab"], FakeRun(converged().events), monkeypatch)
     assert code == 0
     lines = err.splitlines()
-    assert lines[0] == f"deploy: stage 1/14 preflight · {PREFLIGHT} ..."
+    assert lines[0] == f"deploy: stage 1/16 preflight · {PREFLIGHT} ..."
     assert lines[1].startswith("✓ preflight: gpu1 ok=1 changed=0 · gpu2 ok=1 changed=0 (")
-    assert lines[2] == f"deploy: stage 2/14 common · {COMMON} ..."
+    assert lines[2] == f"deploy: stage 2/16 common · {COMMON} ..."
     assert lines[-1].startswith("✓ engines: gpu1 ok=1 changed=0 · gpu2 ok=0 changed=0 (")
 
 
@@ -72,7 +72,7 @@ def test_live_progress_draws_a_bar_per_stage_and_host():
     assert "  gpu1  [" + "#" * 20 + "]  task 2/2  ok 2  changed 1" in screen
     assert "  gpu2  [" + "#" * 10 + "-" * 10 + "]  task 1/2  ok 1  changed 0" in screen
     assert "\x1b[" in screen  # redrawn in place
-    assert "deploy: stage 1/14 engines · " + ENGINES in screen
+    assert "deploy: stage 1/16 engines · " + ENGINES in screen
     progress.close()
     assert out.getvalue().rstrip().splitlines()[-1].startswith("\x1b[4F\x1b[J✓ engines: gpu1 ok=2 changed=1 · gpu2 ok=1 changed=0")
 

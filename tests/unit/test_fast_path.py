@@ -1,0 +1,234 @@
+"""The fast path's contracts: what the fingerprint covers, and how site.yml uses it.
+
+The fingerprint decides whether a host is skipped, so a missed input would silently leave
+a change unapplied.  These tests hold the pieces to that: the fingerprint reacts to every
+kind of input (in a real ansible-playbook run, templating and lookups included) and to
+nothing volatile; every fact a role reads is covered; every stage play starts with the
+skip and every role declares what it manages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ansible_collections.aphrodite.baremetal.plugins.module_utils import _fingerprint as fp
+
+ROOT = Path(__file__).resolve().parents[2]
+ANSIBLE_PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))
+# Facts that roles gather themselves as probes of the host's state (package_facts, service_facts).
+PROBE_FACTS = {"packages", "services"}
+# Plays of site.yml that run on converged hosts too: they decide, verify or record.
+NOT_STAGES = {"preflight.yml", "fast_path.yml", "verify.yml", "record.yml"}
+
+
+# --------------------------------------------------------------------------- pure parts
+def test_stable_facts_keep_what_roles_read_and_drop_what_moves() -> None:
+    facts = {
+        "distribution": "Debian", "kernel": "6.1.0", "uptime_seconds": 12, "memfree_mb": 100,
+        "default_ipv4": {"address": "10.0.0.5", "gateway": "10.0.0.1", "interface": "eth0", "macaddress": "x",
+                         "broadcast": "10.0.0.255", "mtu": 1500, "type": "ether", "alias": "eth0"},
+        "interfaces": ["lo", "eth0", "docker0", "veth1234abc", "br-5f2e"],
+        "python": {"executable": "/usr/bin/python3", "version": {"major": 3}, "type": "cpython", "has_sslcontext": True},
+        "all_ipv4_addresses": ["10.0.0.5", "10.0.0.100"],
+        "date_time": {"epoch": "1"},
+    }
+    picked = fp.stable_facts(facts)
+    assert set(picked) == {"distribution", "kernel", "default_ipv4", "interfaces", "python"}
+    assert picked["interfaces"] == ["eth0", "lo"]
+    assert set(picked["default_ipv4"]) == {"address", "gateway", "interface", "netmask", "network", "prefix"}
+    assert set(picked["python"]) == {"executable", "version"}
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("haproxy_api_keys", True), ("ansible_host", True), ("ansible_user", True), ("inventory_dir", True),
+    ("aphrodite_fast_path", False), ("ansible_check_mode", False), ("ansible_run_tags", False),
+    ("__engine_replace", False), ("ansible_distribution", False), ("ansible_facts", False), ("omit", False),
+    ("playbook_dir", False), ("group_names", False),
+])
+def test_which_variables_are_inputs(name: str, expected: bool) -> None:
+    assert fp.is_input_variable(name, {"distribution": "Debian"}) is expected
+
+
+def test_fingerprint_ignores_order_and_sees_every_change() -> None:
+    hosts = {"a": {"vars": {"x": 1, "y": [1, 2]}, "facts": {}}, "b": {"vars": {}, "facts": {"kernel": "6"}}}
+    groups = {"all": ["b", "a"], "gpu_nodes": ["a"]}
+    base = fp.fingerprint(hosts, groups, {"deployments": []}, "code")
+    assert base == fp.fingerprint(dict(reversed(list(hosts.items()))), {"gpu_nodes": ["a"], "all": ["a", "b"]},
+                                  {"deployments": []}, "code")
+    changed = [
+        fp.fingerprint({**hosts, "a": {"vars": {"x": 2, "y": [1, 2]}, "facts": {}}}, groups, {"deployments": []}, "code"),
+        fp.fingerprint({**hosts, "a": {"vars": {"x": 1, "y": [2, 1]}, "facts": {}}}, groups, {"deployments": []}, "code"),
+        fp.fingerprint({**hosts, "b": {"vars": {}, "facts": {"kernel": "7"}}}, groups, {"deployments": []}, "code"),
+        fp.fingerprint(hosts, {**groups, "gpu_nodes": ["a", "b"]}, {"deployments": []}, "code"),
+        fp.fingerprint(hosts, groups, {"deployments": [1]}, "code"),
+        fp.fingerprint(hosts, groups, {"deployments": []}, "code2"),
+        fp.fingerprint({**hosts, "c": {"vars": {}, "facts": {}}}, groups, {"deployments": []}, "code"),
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
+
+
+def test_objects_without_json_form_count_by_type_not_address() -> None:
+    class Marker:
+        pass
+
+    one = fp.fingerprint({"a": {"vars": {"x": Marker()}, "facts": {}}}, {}, None, "c")
+    two = fp.fingerprint({"a": {"vars": {"x": Marker()}, "facts": {}}}, {}, None, "c")
+    assert one == two
+
+
+def test_code_digest_covers_roles_plugins_and_playbooks(tmp_path: Path) -> None:
+    for rel in ("roles/r/tasks/main.yml", "plugins/filter/f.py", "playbooks/p.yml", "galaxy.yml", "tests/t.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    base = fp.code_digest(tmp_path)
+    (tmp_path / "tests" / "t.py").write_text("y")  # not code the fleet runs
+    (tmp_path / "plugins" / "filter" / "__pycache__").mkdir()
+    (tmp_path / "plugins" / "filter" / "__pycache__" / "f.cpython-311.pyc").write_bytes(b"\0")
+    assert fp.code_digest(tmp_path) == base
+    for rel in ("roles/r/tasks/main.yml", "plugins/filter/f.py", "playbooks/p.yml", "galaxy.yml"):
+        (tmp_path / rel).write_text("changed")
+        assert fp.code_digest(tmp_path) != base, rel
+        (tmp_path / rel).write_text("x")
+    (tmp_path / "roles" / "r" / "templates").mkdir()
+    (tmp_path / "roles" / "r" / "templates" / "new.j2").write_text("")
+    assert fp.code_digest(tmp_path) != base
+
+
+# --------------------------------------------------------------------------- a real run
+PLAYBOOK = """
+- name: Fingerprint
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Print it
+      ansible.builtin.debug:
+        msg: "FP={{ hostvars | aphrodite.baremetal.fleet_fingerprint(groups['all'], groups, plan | default(none)) }}"
+      run_once: true
+"""
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    inv = tmp_path / "inventory"
+    (inv / "group_vars" / "all").mkdir(parents=True)
+    (inv / "hosts.yml").write_text(textwrap.dedent("""\
+        all:
+          children:
+            loadbalancers:
+              hosts:
+                lb1: {ansible_connection: local, ansible_python_interpreter: "%s"}
+            gpu_nodes:
+              hosts:
+                gpu1: {ansible_connection: local, ansible_python_interpreter: "%s", engine_port: 2242}
+        """ % (sys.executable, sys.executable)))
+    (tmp_path / "secret").write_text("s3cret-one")
+    (inv / "group_vars" / "all" / "main.yml").write_text(textwrap.dedent("""\
+        edge_key: "{{ lookup('ansible.builtin.file', inventory_dir ~ '/../secret') }}"
+        derived: "{{ engine_port | default(0) + 1 }}"
+        """))
+    (tmp_path / "play.yml").write_text(PLAYBOOK)
+    (tmp_path / "ansible.cfg").write_text("[defaults]\n")  # not the checkout's: no fact cache, no lab inventory
+    return tmp_path
+
+
+def fingerprint_of(project: Path, *args: str) -> str:
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / "collections"), ANSIBLE_FORCE_COLOR="false",
+               ANSIBLE_NOCOLOR="true", ANSIBLE_CONFIG=str(project / "ansible.cfg"))
+    proc = subprocess.run([ANSIBLE_PLAYBOOK, "-i", str(project / "inventory"), str(project / "play.yml"), *args],
+                          capture_output=True, text=True, env=env, cwd=project)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found = re.findall(r"FP=([0-9a-f]{64})", proc.stdout)
+    assert len(found) == 1, proc.stdout
+    return found[0]
+
+
+def test_fingerprint_in_a_real_run(project: Path) -> None:
+    base = fingerprint_of(project)
+    # The same inputs, whatever the run's own settings.
+    assert fingerprint_of(project) == base
+    assert fingerprint_of(project, "--check", "--diff", "-e", "aphrodite_fast_path=false", "-v") == base
+    # A variable, an extra variable, the plan, a variable that another one derives from.
+    assert fingerprint_of(project, "-e", "engine_image=aphrodite:0.24.2") != base
+    assert fingerprint_of(project, "-e", '{"plan": {"deployments": [1]}}') != base
+    (project / "inventory" / "host_vars").mkdir()
+    (project / "inventory" / "host_vars" / "gpu1.yml").write_text("engine_port: 2243\n")
+    moved = fingerprint_of(project)
+    assert moved != base
+    # A secret read by a lookup: the file changes, the variable's text does not.
+    (project / "secret").write_text("s3cret-two")
+    assert fingerprint_of(project) != moved
+
+
+# --------------------------------------------------------------------------- contracts
+def _role_sources() -> list[Path]:
+    files = []
+    for top in ("roles", "playbooks"):
+        files += [p for p in (ROOT / top).rglob("*") if p.is_file() and p.suffix in (".yml", ".j2", ".yaml")]
+    return files
+
+
+def test_every_fact_the_roles_read_is_in_the_fingerprint() -> None:
+    used = set()
+    for path in _role_sources():
+        used |= set(re.findall(r"ansible_facts(?:\.|\[['\"])([a-z_0-9]+)", path.read_text()))
+        used |= {m for m in re.findall(r"\bansible_([a-z_0-9]+)", path.read_text())
+                 if m in {"distribution", "kernel", "architecture", "os_family", "default_ipv4", "interfaces",
+                          "hostname", "fqdn", "all_ipv4_addresses", "memtotal_mb", "processor_vcpus", "mounts"}}
+    assert used, "found no fact use at all: the pattern is wrong"
+    missing = used - set(fp.FACT_KEYS) - PROBE_FACTS
+    assert not missing, (f"roles read facts the fast path's fingerprint leaves out: {sorted(missing)}; "
+                         "add them to FACT_KEYS in plugins/module_utils/_fingerprint.py (stable parts only)")
+
+
+def _site_plays() -> list[tuple[str, dict]]:
+    site = yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())
+    plays = []
+    for entry in site:
+        name = entry["ansible.builtin.import_playbook"]
+        for play in yaml.safe_load((ROOT / "playbooks" / name).read_text()):
+            plays.append((name, play))
+    return plays
+
+
+def test_site_runs_preflight_then_fast_path_first_and_records_last() -> None:
+    names = [e["ansible.builtin.import_playbook"] for e in yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())]
+    assert names[:2] == ["preflight.yml", "fast_path.yml"] and names[-1] == "record.yml"
+
+
+def test_every_stage_play_first_skips_converged_hosts() -> None:
+    stages = [(name, play) for name, play in _site_plays() if name not in NOT_STAGES]
+    assert len(stages) >= 10
+    for name, play in stages:
+        first = (play.get("pre_tasks") or play.get("tasks"))[0]
+        assert first.get("ansible.builtin.meta") == "end_host", f"{name}: {play['name']}"
+        assert first["when"] == "__aphrodite_converged.converged | default(false)", f"{name}: {play['name']}"
+        assert "always" in first.get("tags", []), f"{name}: {play['name']} (the skip must hold under --tags)"
+
+
+def test_every_role_site_runs_declares_what_it_manages() -> None:
+    entry_points = set()
+    for _, play in _site_plays():
+        for role in play.get("roles") or []:
+            entry_points.add((role["role"].split(".")[-1], "main"))
+        for task in (play.get("tasks") or []):
+            for key in ("ansible.builtin.import_role", "ansible.builtin.include_role"):
+                if key in task:
+                    name = task[key]["name"].split(".")[-1]
+                    entry_points.add((name, Path(task[key].get("tasks_from", "main")).stem))
+    entry_points.discard(("engine", "replace"))  # replaces what the engine role declared
+    assert ("monitoring", "exporters") in entry_points and ("haproxy", "main") in entry_points
+    for role, entry in sorted(entry_points):
+        tasks = yaml.safe_load((ROOT / "roles" / role / "tasks" / f"{entry}.yml").read_text())
+        last = tasks[-1]
+        assert "ansible.builtin.set_fact" in last, f"roles/{role}/tasks/{entry}.yml must end declaring __aphrodite_watch"
+        assert "__aphrodite_watch" in last["ansible.builtin.set_fact"], f"roles/{role}/tasks/{entry}.yml"
