@@ -299,6 +299,82 @@ def ensure_network(name: str, subnet: str, lab: str) -> None:
            "--label", f"{LABEL}={lab}", name)
 
 
+# ----------------------------------------------------------------- package cache
+# One apt-cacher-ng for every lab (common_package_proxy in the lab's group_vars): a fleet
+# downloads each package once, and a fresh converge after the first takes them from here.
+# It listens only on the lab networks' gateways, never on this machine's other interfaces.
+CACHE_PORT = 3142
+CACHE_DIR = STATE_ROOT / "apt-cache"
+CACHE_USER = "apt-cacher-ng"
+
+
+def lab_gateways() -> list[str]:
+    """This machine's address on each lab network (the hosts' default gateway)."""
+    found = set()
+    for net in docker("network", "ls", "-q", "--no-trunc", "--filter", f"label={LABEL}").split():
+        # Docker names a bridge network's interface br-<first 12 of its id>; its address is
+        # the gateway, which `network inspect` leaves out when Docker picked it.
+        out = run(["ip", "-4", "-o", "addr", "show", "dev", f"br-{net[:12]}"], check=False).stdout.decode()
+        found.update(m.group(1) for m in re.finditer(r"\binet (\d+\.\d+\.\d+\.\d+)/", out))
+    return sorted(found)
+
+
+def _cache_pid() -> int | None:
+    try:
+        pid = int((CACHE_DIR / "run" / "pid").read_text().strip())
+        os.kill(pid, 0)
+        return pid
+    except (OSError, ValueError):
+        return None
+
+
+def stop_package_cache() -> None:
+    pid = _cache_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _cache_pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def ensure_package_cache() -> None:
+    """apt-cacher-ng on the gateway of every lab network (restarted when that set changes)."""
+    exe = shutil.which("apt-cacher-ng") or "/usr/sbin/apt-cacher-ng"
+    if not os.access(exe, os.X_OK):
+        raise LabError("apt-cacher-ng is missing (the lab's package cache): run scripts/bootstrap.sh")
+    gateways = lab_gateways()
+    binds = CACHE_DIR / "run" / "binds"
+    if _cache_pid() is not None and binds.exists() and binds.read_text().split() == gateways:
+        return
+    stop_package_cache()
+    for sub in ("conf", "cache", "log", "run"):
+        (CACHE_DIR / sub).mkdir(parents=True, exist_ok=True)
+    (CACHE_DIR / "conf" / "acng.conf").write_text(
+        f"CacheDir: {CACHE_DIR / 'cache'}\nLogDir: {CACHE_DIR / 'log'}\nSupportDir: /usr/lib/apt-cacher-ng\n"
+        f"Port: {CACHE_PORT}\nBindAddress: {' '.join(gateways)}\nExThreshold: 4\n")
+    argv = [exe, "-c", str(CACHE_DIR / "conf"), "ForeGround=0", f"pidfile={CACHE_DIR / 'run' / 'pid'}",
+            f"SocketPath={CACHE_DIR / 'run' / 'socket'}"]
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        # Not as root: the daemon faces the lab networks.
+        run(["chown", "-R", f"{CACHE_USER}:{CACHE_USER}", str(CACHE_DIR / "cache"), str(CACHE_DIR / "log"),
+             str(CACHE_DIR / "run")])
+        argv = ["setpriv", f"--reuid={CACHE_USER}", f"--regid={CACHE_USER}", "--init-groups"] + argv
+    run(argv)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with socket.create_connection((gateways[0], CACHE_PORT), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise LabError(f"apt-cacher-ng does not answer on {gateways[0]}:{CACHE_PORT}; "
+                               f"see {CACHE_DIR / 'log'}") from None
+            time.sleep(0.3)
+    binds.write_text(" ".join(gateways) + "\n")
+    print(f"lab: package cache apt-cacher-ng on {', '.join(gateways)} port {CACHE_PORT}", file=sys.stderr, flush=True)
+
+
 def container_state(name: str) -> str | None:
     proc = run(["docker", "inspect", "-f", "{{.State.Status}}", name], check=False)
     return proc.stdout.decode().strip() if proc.returncode == 0 else None
@@ -397,6 +473,7 @@ def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     key = ensure_key()
     ensure_secrets()
     ensure_network(names["network"], subnet, lab)
+    ensure_package_cache()
     created = [h for h in hosts if start_host(lab, h, image, names["network"], key)]
     wait_running(hosts)
     wait_ssh(hosts)
@@ -473,12 +550,14 @@ def down(lab: str | None) -> None:
         nets |= set(docker("network", "ls", "-q", "--filter", f"name=^aphrodite-{lab}$").splitlines())
     for net in nets:
         docker("network", "rm", net)
+    if not lab_gateways():
+        stop_package_cache()  # its cache stays in .lab/apt-cache for the next lab
     stop_ssh_masters(addresses)
     if lab:
         shutil.rmtree(STATE_ROOT / lab, ignore_errors=True)
     else:
         for entry in STATE_ROOT.glob("*"):
-            if entry.name not in ("ssh", "images", "secrets"):
+            if entry.name not in ("ssh", "images", "secrets", "apt-cache"):
                 shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -10,8 +10,9 @@ log() { printf 'bootstrap: %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: the Docker engine, debootstrap for the host image,
-# the linters (shellcheck), promtool for the alert rule tests (package
-# prometheus) and git.  Install only what is missing.
+# apt-cacher-ng (the labs' package cache, lab/labctl.py), the linters
+# (shellcheck), promtool for the alert rule tests (package prometheus) and
+# git.  Install only what is missing.
 need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v debootstrap >/dev/null || need+=(debootstrap)
@@ -19,11 +20,17 @@ command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v shellcheck >/dev/null || need+=(shellcheck)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v git >/dev/null || need+=(git)
+[ -x /usr/sbin/apt-cacher-ng ] || need+=(apt-cacher-ng)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing ${need[*]}"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # labctl runs its own apt-cacher-ng on the lab networks only; the packaged service
+  # would listen on every interface of this machine.
+  if [[ " ${need[*]} " == *" apt-cacher-ng "* ]] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now apt-cacher-ng >/dev/null 2>&1 || true
+  fi
 fi
 
 # A Docker daemon: this machine may have no systemd, so start dockerd directly.
