@@ -232,3 +232,25 @@ def test_every_role_site_runs_declares_what_it_manages() -> None:
         last = tasks[-1]
         assert "ansible.builtin.set_fact" in last, f"roles/{role}/tasks/{entry}.yml must end declaring __aphrodite_watch"
         assert "__aphrodite_watch" in last["ansible.builtin.set_fact"], f"roles/{role}/tasks/{entry}.yml"
+
+
+def _tags(node) -> set[str]:
+    found = set()
+    if isinstance(node, dict):
+        tags = node.get("tags")
+        found |= {tags} if isinstance(tags, str) else set(map(str, tags or []))
+        for value in node.values():
+            found |= _tags(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _tags(value)
+    return found
+
+
+def test_record_knows_every_tag_that_makes_a_run_partial() -> None:
+    files = list((ROOT / "roles").glob("*/tasks/*.yml")) + list((ROOT / "roles").glob("*/handlers/*.yml"))
+    files += list((ROOT / "playbooks").glob("*.yml"))
+    used = set().union(*(_tags(yaml.safe_load(p.read_text())) for p in files)) - {"always"}
+    record, = yaml.safe_load((ROOT / "playbooks" / "record.yml").read_text())
+    assert set(record["vars"]["__record_site_tags"]) == used, (
+        "playbooks/record.yml must list exactly the collection's tags: skipping one of them makes a run partial")
