@@ -14,21 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.aphrodite.baremetal.plugins.modules import converged
-from module_harness import ExitJson, module_exits  # noqa: F401  (autouse fixture)
+from module_harness import ExitJson, module_exits, run_module  # noqa: F401  (autouse fixture)
 
 FP = "a" * 64
 
 
 def run(args: dict, check_mode: bool = False) -> dict:
-    if check_mode:
-        args = dict(args, _ansible_check_mode=True)
-    with patch_module_args(args):
-        with pytest.raises(ExitJson) as result:
-            converged.main()
-    return result.value.args[0]
+    return run_module(converged.main, args, check_mode=check_mode)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._gpu_parse import QUERY_GPU_ARGS
 from ansible_collections.aphrodite.baremetal.plugins.modules import gpu_facts
-from module_harness import ExitJson, FailJson, module_exits  # noqa: F401  (autouse fixture)
+from module_harness import ExitJson, FailJson, module_exits, run_module  # noqa: F401  (autouse fixture)
 
 RECORDED = Path(__file__).resolve().parents[3] / "fixtures" / "nvidia_smi"
 H100_BUS_IDS = [
@@ -100,12 +100,7 @@ def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Host:
 
 
 def run(args: dict, check_mode: bool = False) -> dict:
-    if check_mode:
-        args = dict(args, _ansible_check_mode=True)
-    with patch_module_args(args):
-        with pytest.raises(ExitJson) as result:
-            gpu_facts.main()
-    outcome = result.value.args[0]
+    outcome = run_module(gpu_facts.main, args, check_mode=check_mode)
     assert outcome["changed"] is False
     return outcome["ansible_facts"]["aphrodite_gpus"]
 

@@ -7,22 +7,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ansible.module_utils.testing import patch_module_args
 
 from ansible_collections.aphrodite.baremetal.plugins.modules import model_verify
-from module_harness import ExitJson, FailJson, module_exits  # noqa: F401  (autouse fixture)
+from module_harness import ExitJson, FailJson, module_exits, run_module  # noqa: F401  (autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[4]
 LAB_MODEL = ROOT / "lab" / "fixtures" / "models" / "llama-3.1-8b-instruct"
 
 
 def run(args: dict, expect: type = ExitJson, check_mode: bool = False) -> dict:
-    if check_mode:
-        args = dict(args, _ansible_check_mode=True)
-    with patch_module_args(args):
-        with pytest.raises(expect) as result:
-            model_verify.main()
-    outcome = result.value.args[0]
+    outcome = run_module(model_verify.main, args, expect, check_mode)
     assert outcome["changed"] is False
     return outcome
 
