@@ -52,8 +52,8 @@ def test_a_converged_fleet_is_skipped_whole(first: dict) -> None:
     assert first["report"][0].startswith(f"{len(HOSTS)} of {len(HOSTS)} host(s) unchanged"), first["report"]
     for name in HOSTS:
         assert first["stats"][name]["changed"] == 0, name
-        # Preflight, the fast path, the skips (and verify on the edge and GPU node): no role task.
-        assert first["stats"][name]["ok"] <= 12, (name, first["stats"][name])
+        # Preflight, the fast path, a skip per stage and verify: a full run is 90-160 tasks a host.
+        assert first["stats"][name]["ok"] <= 25, (name, first["stats"][name])
 
 
 def test_drift_sends_only_its_hosts_through_every_task(first: dict) -> None:
