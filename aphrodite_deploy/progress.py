@@ -71,8 +71,11 @@ class Progress:
         data = event.get("event_data") or {}
         if kind == "playbook_on_play_start":
             self._finish_play()
-            self.play_index += 1
-            self.play = str(data.get("play") or data.get("name") or "")
+            play = str(data.get("play") or data.get("name") or "")
+            # A serial play starts again for each batch: one stage still.
+            if play != self.play or self.play_index == 0:
+                self.play_index += 1
+            self.play = play
             self.stage = self.stages.stage_of(self.play)
             self.tasks = 0
             self.task = ""

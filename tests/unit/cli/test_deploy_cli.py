@@ -224,3 +224,19 @@ def test_a_large_fleet_shows_the_hosts_furthest_behind_and_sums_the_rest():
     progress.close()
     summary = out.getvalue().rstrip().splitlines()[-1]
     assert "engines" not in summary and "40 hosts ok=75 changed=35 failed=1 (failed or unreachable: gpu03)" in summary
+
+
+def test_a_serial_play_is_one_stage_across_its_batches():
+    out = io.StringIO()
+    progress = Progress(out, StageMap.from_playbook(ROOT / "site.yml"), live=False, title="deploy",
+                        clock=iter(range(1000)).__next__)
+    replace = "Engines | replace changed replicas one at a time"
+    s = Stream().play_start(ENGINES).task("t").ok("gpu1", "t")
+    s.play_start(replace).task("t").ok("gpu1", "t").play_start(replace).task("t").ok("gpu2", "t")
+    s.play_start("Edge | HAProxy and the virtual IP").task("t").ok("lb1", "t")
+    for event in s.events:
+        progress(event)
+    progress.close()
+    stages = [line.split(" · ")[0] for line in out.getvalue().splitlines() if line.startswith("deploy: stage")]
+    assert stages == ["deploy: stage 1/16 engines", "deploy: stage 2/16 engines", "deploy: stage 2/16 engines",
+                      "deploy: stage 3/16 edge"]
