@@ -194,7 +194,8 @@ def parse_query_gpu(text: str) -> list[dict[str, Any]]:
     reason = _unavailable_reason(text)
     if reason is not None:
         raise NvidiaSmiUnavailable("nvidia-smi cannot query GPUs: " + reason)
-    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    lines = [(number, line.strip()) for number, line in enumerate(_ANSI_ESCAPE.sub("", text).splitlines(), start=1)
+             if line.strip()]
     if not lines:
         raise GpuParseError(
             "nvidia-smi --query-gpu printed nothing; expected one CSV line per GPU from `{0}`".format(_QUERY_COMMAND)
@@ -270,6 +271,9 @@ LINK_VALUES = ("X", "NV#", "PIX", "PXB", "PHB", "NODE", "SYS")
 _LINK = re.compile(r"^(?:X|NV[1-9]\d*|PIX|PXB|PHB|NODE|SYS)$")
 _NVLINK = re.compile(r"^NV[1-9]\d*$")
 _DEVICE_LABEL = re.compile(r"^(GPU|NIC)(\d+)$")
+# Terminal escapes (CSI sequences): driver 580's topo -m underlines its header row even
+# when its output is no terminal.
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _CPU_LIST = re.compile(r"^\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*$")
 _NIC_NAME = re.compile(r"^\s*(NIC\d+)\s*:\s*(\S+)\s*$")
 
@@ -388,10 +392,11 @@ def parse_topology(text: str) -> Topology:
     Accepts tab-separated output (as nvidia-smi prints it) and the same with tabs
     turned into runs of spaces; NIC columns and rows; the ``CPU Affinity``,
     ``NUMA Affinity`` and ``GPU NUMA ID`` columns, each present or not, with
-    ``N/A`` values; and the ``Legend:`` / ``NIC Legend:`` blocks after the matrix.
+    ``N/A`` values; the ``Legend:`` / ``NIC Legend:`` blocks after the matrix; and
+    terminal escapes (driver 580 underlines the header row even into a pipe).
     Raises GpuParseError, naming the line, on any other shape.
     """
-    lines = text.splitlines()
+    lines = _ANSI_ESCAPE.sub("", text).splitlines()
     position = 0
     while position < len(lines) and not lines[position].strip():
         position += 1

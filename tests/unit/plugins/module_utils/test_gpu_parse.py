@@ -102,6 +102,20 @@ def test_query_units_and_nounits_agree() -> None:
     assert parse_query_gpu(recorded("h100x8_query.csv")) == parse_query_gpu(recorded("h100x8_query_units.csv"))
 
 
+def test_query_h200_driver_580() -> None:
+    gpu, = parse_query_gpu(recorded("h200x1_query.csv"))
+    assert gpu == {"index": 0, "uuid": "GPU-e6a77d99-856e-0ce9-f740-87dfe5afd184", "name": "NVIDIA H200",
+                   "pci_bus_id": "0000:00:06.0", "memory_mib": 143771, "compute_capability": "9.0",
+                   "driver_version": "580.159.04", "persistence_mode": True, "mig_mode": "Disabled"}
+
+
+def test_terminal_escapes_are_no_part_of_the_output() -> None:
+    underlined = recorded("h100x8_topo.txt").replace("\tGPU0", "\t\x1b[4mGPU0", 1).replace(
+        "NUMA Affinity", "NUMA Affinity\x1b[0m", 1)
+    assert parse_topology(underlined) == parse_topology(recorded("h100x8_topo.txt"))
+    assert parse_query_gpu("\x1b[1m" + recorded("h100x8_query.csv")) == parse_query_gpu(recorded("h100x8_query.csv"))
+
+
 @pytest.mark.parametrize(
     "fixture, count, name, memory, persistence",
     [
@@ -323,7 +337,14 @@ NICS_EXPECTED = dict(
     columns=["CPU Affinity", "NUMA Affinity", "GPU NUMA ID"],
 )
 
+# Recorded on a cloud H200 with driver 580.159.04: the header row comes underlined.
+H200X1_EXPECTED = dict(
+    gpus=[0], nics=[], numa={0: 0}, cpu={0: "0-15"}, gpu_numa_id={0: None}, groups=[[0]], cells={},
+    columns=["CPU Affinity", "NUMA Affinity", "GPU NUMA ID"],
+)
+
 TOPOLOGY_CASES = [
+    pytest.param(recorded("h200x1_topo.txt"), H200X1_EXPECTED, id="h200x1_topo.txt"),
     pytest.param(recorded("h100x8_topo.txt"), H100X8_EXPECTED, id="h100x8_topo.txt"),
     pytest.param(recorded("h100x8_nics_topo.txt"), NICS_EXPECTED, id="h100x8_nics_topo.txt"),
     pytest.param(recorded("nvlink2_topo.txt"), NVLINK2_EXPECTED, id="nvlink2_topo.txt"),
@@ -363,7 +384,8 @@ def test_topology_shapes(text: str, expected: dict, render) -> None:
 def test_topology_recorded_fixtures_use_tabs_and_end_with_the_legend() -> None:
     """The lab's fake nvidia-smi replays these files: they must look like the real thing."""
     for path in sorted(RECORDED.glob("*_topo.txt")):
-        text = path.read_text(encoding="utf-8")
+        # Driver 580 underlines the header: \x1b[4m ... \x1b[0m.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", path.read_text(encoding="utf-8"))
         assert text.startswith("\tGPU0\t"), path.name
         assert "\n\nLegend:\n\n  X    = Self\n" in text, path.name
         assert text.endswith("  NV#  = Connection traversing a bonded set of # NVLinks\n") or text.endswith(
