@@ -1,6 +1,6 @@
 # Copyright: aphrodite.baremetal contributors
 # Apache License 2.0 (see LICENSE)
-"""The fast path's fingerprint of a run's inputs (documented in fleet_fingerprint.yml)."""
+"""The fast path's fingerprint of a run's inputs (documented in fleet_fingerprint.yml, fleet_inputs.yml)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from ansible.errors import AnsibleFilterError
 
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._fingerprint import (
     code_digest,
-    fingerprint,
+    digest_of_parts,
+    fingerprint_parts,
+    is_injected_fact,
     is_input_variable,
     stable_facts,
 )
@@ -32,18 +34,21 @@ def _host_inputs(variables: Any) -> dict:
         if not is_input_variable(name, facts):
             continue
         try:
-            picked[name] = variables[name]
+            value = variables[name]
         except Exception as exc:  # noqa: BLE001 - templated out of any role: note what failed, stably
-            picked[name] = f"<unresolved {type(exc).__name__}: {exc}>"
+            value = f"<unresolved {type(exc).__name__}: {exc}>"
+        if is_injected_fact(name, value, facts):
+            continue
+        picked[name] = value
     return {"vars": picked, "facts": stable_facts(facts)}
 
 
-def fleet_fingerprint(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) -> str:
-    """SHA-256 of every input of the run; see fleet_fingerprint.yml."""
+def fleet_inputs(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) -> dict:
+    """SHA-256 of each input of the run, by name; see fleet_inputs.yml."""
     if not isinstance(groups, Mapping):
-        raise AnsibleFilterError("fleet_fingerprint needs the inventory's groups: hostvars | fleet_fingerprint(groups['all'], groups)")
+        raise AnsibleFilterError("fleet_inputs needs the inventory's groups: hostvars | fleet_inputs(groups['all'], groups)")
     if isinstance(hosts, str) or not hasattr(hosts, "__iter__"):
-        raise AnsibleFilterError("fleet_fingerprint needs a list of hosts, for example groups['all']")
+        raise AnsibleFilterError("fleet_inputs needs a list of hosts, for example groups['all']")
     collected = {}
     for host in hosts:
         try:
@@ -51,11 +56,16 @@ def fleet_fingerprint(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) 
         except KeyError:
             continue
         collected[str(host)] = _host_inputs(variables)
-    return fingerprint(collected, groups, plan, code_digest(_COLLECTION_ROOT))
+    return fingerprint_parts(collected, groups, plan, code_digest(_COLLECTION_ROOT))
+
+
+def fleet_fingerprint(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) -> str:
+    """SHA-256 of every input of the run; see fleet_fingerprint.yml."""
+    return digest_of_parts(fleet_inputs(hostvars, hosts, groups, plan))
 
 
 class FilterModule:
     """aphrodite.baremetal fast-path filters."""
 
     def filters(self) -> dict:
-        return {"fleet_fingerprint": fleet_fingerprint}
+        return {"fleet_fingerprint": fleet_fingerprint, "fleet_inputs": fleet_inputs}

@@ -89,6 +89,16 @@ def is_input_variable(name: str, facts: Mapping | None = None) -> bool:
     return True
 
 
+def is_injected_fact(name: str, value: Any, facts: Mapping | None) -> bool:
+    """Whether a variable is a fact that a module returned under its own name (package_facts'
+    ``packages``, service_facts' ``services``, gpu_facts' ``aphrodite_gpus``, setup's
+    ``gather_subset``), which Ansible also injects as a variable of that name.  The fact
+    cache brings last run's back, so counting them would make every run's inputs differ
+    from the one before.  A variable of the inventory that only shares the name keeps
+    counting: its value is not the fact's."""
+    return bool(facts) and name in facts and value == facts[name]
+
+
 def code_digest(root: Path) -> str:
     """SHA-256 over the collection's roles, plugins and playbooks (paths and contents)."""
     digest = hashlib.sha256()
@@ -109,14 +119,33 @@ def _json_default(value: Any) -> str:
     return f"<{type(value).__name__}>"
 
 
+def fingerprint_parts(hosts: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Iterable[str]],
+                      plan: Any, code: str) -> dict[str, str]:
+    """SHA-256 of each input of the fleet, named: the collection's code, the groups, the plan,
+    and per host its input variables and its stable facts.  Kept apart so that a host that
+    runs again can be told which input changed."""
+    def digest(value: Any) -> str:
+        text = json.dumps(value, sort_keys=True, default=_json_default, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+    parts = {
+        "collection code": code,
+        "inventory groups": digest({g: sorted(members) for g, members in groups.items()}),
+        "engine plan": digest(plan),
+    }
+    for name in sorted(hosts):
+        parts[f"variables of {name}"] = digest(hosts[name].get("vars", {}))
+        parts[f"facts of {name}"] = digest(hosts[name].get("facts", {}))
+    return parts
+
+
+def digest_of_parts(parts: Mapping[str, str]) -> str:
+    """The one fingerprint of a run (plugins/modules/converged.py computes it the same way)."""
+    text = json.dumps(dict(parts), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def fingerprint(hosts: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Iterable[str]],
                 plan: Any, code: str) -> str:
     """SHA-256 of the fleet's inputs: per host its input variables and stable facts."""
-    document = {
-        "code": code,
-        "groups": {g: sorted(members) for g, members in sorted(groups.items())},
-        "plan": plan,
-        "hosts": {name: hosts[name] for name in sorted(hosts)},
-    }
-    text = json.dumps(document, sort_keys=True, default=_json_default, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return digest_of_parts(fingerprint_parts(hosts, groups, plan, code))

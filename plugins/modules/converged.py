@@ -46,8 +46,14 @@ options:
   fingerprint:
     description:
       - The digest of the run's inputs, as the C(aphrodite.baremetal.fleet_fingerprint) filter computes it.
+      - Give O(inputs) instead to be told which input changed; one of the two is required.
     type: str
-    required: true
+  inputs:
+    description:
+      - The run's inputs, each by its digest, as the C(aphrodite.baremetal.fleet_inputs) filter returns them.
+        The fingerprint is then the digest of these (the one C(fleet_fingerprint) returns), and a host whose
+        fingerprint changed is told which inputs did.
+    type: dict
   watch:
     description:
       - With V(state=record), what to snapshot, by role name. Each role's entry may have
@@ -81,7 +87,7 @@ EXAMPLES = r"""
 ---
 - name: Is this host as the last complete run left it?
   aphrodite.baremetal.converged:
-    fingerprint: "{{ __aphrodite_fingerprint }}"
+    inputs: "{{ hostvars | aphrodite.baremetal.fleet_inputs(groups['all'], groups) }}"
   register: converged
 
 - name: Record the host after a complete run
@@ -108,7 +114,8 @@ reasons:
   returned: always
   type: list
   elements: str
-  sample: ["haproxy: /etc/haproxy/haproxy.cfg changed", "haproxy: unit haproxy.service is inactive/enabled, was active/enabled"]
+  sample: ["haproxy: /etc/haproxy/haproxy.cfg changed", "haproxy: unit haproxy.service is inactive/enabled, was active/enabled",
+           "the inputs changed since 2026-11-27T15:04:05+00:00: variables of gpu1, engine plan"]
 recorded_at:
   description: When the record was written (UTC, ISO 8601); V(null) when there is none.
   returned: always
@@ -303,14 +310,21 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             state=dict(type="str", choices=["check", "record"], default="check"),
-            fingerprint=dict(type="str", required=True, no_log=False),
+            fingerprint=dict(type="str", no_log=False),
+            inputs=dict(type="dict"),
             watch=dict(type="dict", default={}),
             path=dict(type="path", default="/var/lib/aphrodite/converged.json"),
             max_hash_bytes=dict(type="int", default=8 * 1024 * 1024),
         ),
+        required_one_of=[["fingerprint", "inputs"]],
+        mutually_exclusive=[["fingerprint", "inputs"]],
         supports_check_mode=True,
     )
     p = module.params
+    inputs = dict((str(k), str(v)) for k, v in (p["inputs"] or {}).items())
+    if p["inputs"] is not None:
+        # As plugins/module_utils/_fingerprint.py digest_of_parts does.
+        p["fingerprint"] = hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
     record, problem = read_record(p["path"])
     result = dict(changed=False, converged=False, reasons=[], recorded_at=None, roles=[])
     if record is not None:
@@ -321,8 +335,12 @@ def main():
         if record is None:
             result["reasons"] = [problem]
         elif record.get("fingerprint") != p["fingerprint"]:
-            result["reasons"] = ["the inputs (inventory, variables, facts, plan or collection) changed since %s"
-                                 % record.get("recorded_at")]
+            before = record.get("inputs") or {}
+            changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+            what = ", ".join(changed[:8]) + (" and %d more" % (len(changed) - 8) if len(changed) > 8 else "")
+            result["reasons"] = ["the inputs changed since %s: %s" % (
+                record.get("recorded_at"),
+                what if before and inputs else "inventory, variables, facts, plan or collection")]
         else:
             current = snapshot(module, record.get("watch") or {},
                                record.get("max_hash_bytes", p["max_hash_bytes"]), (p["path"],))
@@ -335,6 +353,7 @@ def main():
     watch = dict((str(role), spec or {}) for role, spec in p["watch"].items())
     taken = snapshot(module, watch, p["max_hash_bytes"], (p["path"],))
     same = (record is not None and record.get("fingerprint") == p["fingerprint"]
+            and (record.get("inputs") or {}) == inputs
             and record.get("watch") == watch and record.get("snapshot") == taken)
     result["roles"] = sorted(watch)
     if same:
@@ -342,8 +361,8 @@ def main():
     result["changed"] = True
     if not module.check_mode:
         now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
-        data = dict(format=FORMAT, fingerprint=p["fingerprint"], recorded_at=now, watch=watch, snapshot=taken,
-                    max_hash_bytes=p["max_hash_bytes"])
+        data = dict(format=FORMAT, fingerprint=p["fingerprint"], inputs=inputs, recorded_at=now, watch=watch,
+                    snapshot=taken, max_hash_bytes=p["max_hash_bytes"])
         directory = os.path.dirname(p["path"])
         if not os.path.isdir(directory):
             os.makedirs(directory, 0o750)

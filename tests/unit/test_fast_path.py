@@ -114,6 +114,13 @@ PLAYBOOK = """
       ansible.builtin.debug:
         msg: "FP={{ hostvars | aphrodite.baremetal.fleet_fingerprint(groups['all'], groups, plan | default(none)) }}"
       run_once: true
+
+    # A fact under its own name that changes every run, kept by the fact cache (as
+    # package_facts' packages is): the next run sees last run's value among its variables.
+    - name: Remember this run in the fact cache
+      ansible.builtin.set_fact:
+        seen_run: "{{ lookup('ansible.builtin.env', 'RUN_ID') }}"
+        cacheable: true
 """
 
 
@@ -137,12 +144,13 @@ def project(tmp_path: Path) -> Path:
         derived: "{{ engine_port | default(0) + 1 }}"
         """))
     (tmp_path / "play.yml").write_text(PLAYBOOK)
-    (tmp_path / "ansible.cfg").write_text("[defaults]\n")  # not the checkout's: no fact cache, no lab inventory
+    # Not the checkout's (no lab inventory); a fact cache of its own.
+    (tmp_path / "ansible.cfg").write_text(f"[defaults]\nfact_caching = jsonfile\nfact_caching_connection = {tmp_path / 'facts'}\n")
     return tmp_path
 
 
-def fingerprint_of(project: Path, *args: str) -> str:
-    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(ROOT / "collections"), ANSIBLE_FORCE_COLOR="false",
+def fingerprint_of(project: Path, *args: str, run_id: str = "1") -> str:
+    env = dict(os.environ, RUN_ID=run_id, ANSIBLE_COLLECTIONS_PATH=str(ROOT / "collections"), ANSIBLE_FORCE_COLOR="false",
                ANSIBLE_NOCOLOR="true", ANSIBLE_CONFIG=str(project / "ansible.cfg"))
     proc = subprocess.run([ANSIBLE_PLAYBOOK, "-i", str(project / "inventory"), str(project / "play.yml"), *args],
                           capture_output=True, text=True, env=env, cwd=project)
@@ -154,8 +162,9 @@ def fingerprint_of(project: Path, *args: str) -> str:
 
 def test_fingerprint_in_a_real_run(project: Path) -> None:
     base = fingerprint_of(project)
-    # The same inputs, whatever the run's own settings.
-    assert fingerprint_of(project) == base
+    # The same inputs, whatever the run's own settings or what the fact cache kept of the last run.
+    assert fingerprint_of(project, run_id="2") == base
+    assert fingerprint_of(project, run_id="3") == base
     assert fingerprint_of(project, "--check", "--diff", "-e", "aphrodite_fast_path=false", "-v") == base
     # A variable, an extra variable, the plan, a variable that another one derives from.
     assert fingerprint_of(project, "-e", "engine_image=aphrodite:0.24.2") != base
@@ -254,3 +263,23 @@ def test_record_knows_every_tag_that_makes_a_run_partial() -> None:
     record, = yaml.safe_load((ROOT / "playbooks" / "record.yml").read_text())
     assert set(record["vars"]["__record_site_tags"]) == used, (
         "playbooks/record.yml must list exactly the collection's tags: skipping one of them makes a run partial")
+
+
+def test_fingerprint_parts_name_each_input() -> None:
+    hosts = {"gpu1": {"vars": {"x": 1}, "facts": {"kernel": "6"}}, "lb1": {"vars": {}, "facts": {}}}
+    parts = fp.fingerprint_parts(hosts, {"all": ["gpu1", "lb1"]}, None, "code")
+    assert set(parts) == {"collection code", "inventory groups", "engine plan",
+                          "variables of gpu1", "facts of gpu1", "variables of lb1", "facts of lb1"}
+    moved = fp.fingerprint_parts({**hosts, "gpu1": {"vars": {"x": 2}, "facts": {"kernel": "6"}}},
+                                 {"all": ["gpu1", "lb1"]}, None, "code")
+    assert [k for k in parts if parts[k] != moved[k]] == ["variables of gpu1"]
+    assert fp.fingerprint(hosts, {"all": ["gpu1", "lb1"]}, None, "code") == fp.digest_of_parts(parts)
+
+
+def test_facts_injected_under_their_own_names_are_no_inputs() -> None:
+    facts = {"packages": {"haproxy": [{"version": "2.8"}]}, "services": {}, "gather_subset": ["all"], "kernel": "6"}
+    assert fp.is_injected_fact("packages", {"haproxy": [{"version": "2.8"}]}, facts)
+    assert fp.is_injected_fact("gather_subset", ["all"], facts)
+    # An inventory variable that shares a fact's name, with its own value, still counts.
+    assert not fp.is_injected_fact("kernel", "pinned-6.8", facts)
+    assert not fp.is_injected_fact("engine_image", "x", facts)

@@ -188,3 +188,24 @@ def test_differences_name_units_and_packages() -> None:
     reasons = converged.differences(old, new)
     assert "haproxy: unit haproxy.service is failed/enabled, was active/enabled" in reasons
     assert "haproxy: package haproxy is absent, was 2.8.5" in reasons
+
+
+def test_inputs_name_what_changed_and_match_the_filter_digest(host: dict) -> None:
+    from ansible_collections.aphrodite.baremetal.plugins.module_utils import _fingerprint
+
+    inputs = {"collection code": "c1", "engine plan": "p1", "variables of gpu1": "v1", "facts of gpu1": "f1"}
+    first = run({"state": "record", "inputs": inputs, "watch": host["watch"], "path": str(host["record"])})
+    assert first["changed"] is True
+    data = json.loads(host["record"].read_text())
+    assert data["fingerprint"] == _fingerprint.digest_of_parts(inputs)
+    assert data["inputs"] == inputs
+    assert run({"inputs": inputs, "path": str(host["record"])})["converged"] is True
+    # The same inputs given as their one fingerprint are the same inputs.
+    assert run({"fingerprint": _fingerprint.digest_of_parts(inputs), "path": str(host["record"])})["converged"] is True
+
+    moved = dict(inputs, **{"variables of gpu1": "v2", "engine plan": "p2"})
+    reasons = run({"inputs": moved, "path": str(host["record"])})["reasons"]
+    assert len(reasons) == 1 and reasons[0].endswith(": engine plan, variables of gpu1"), reasons
+    grown = dict(inputs, **{"variables of gpu2": "v", "facts of gpu2": "f"})
+    reasons = run({"inputs": grown, "path": str(host["record"])})["reasons"]
+    assert reasons[0].endswith(": facts of gpu2, variables of gpu2"), reasons
