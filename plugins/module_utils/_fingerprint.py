@@ -140,7 +140,7 @@ def fingerprint_parts(hosts: Mapping[str, Mapping[str, Any]], groups: Mapping[st
 
 
 def digest_of_parts(parts: Mapping[str, str]) -> str:
-    """The one fingerprint of a run (plugins/modules/converged.py computes it the same way)."""
+    """The one fingerprint of a run, from its parts (the converged module uses this too)."""
     text = json.dumps(dict(parts), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -137,6 +137,7 @@ import re
 import stat
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._fingerprint import digest_of_parts
 
 FORMAT = 1
 MAX_REASONS = 20
@@ -323,8 +324,7 @@ def main():
     p = module.params
     inputs = dict((str(k), str(v)) for k, v in (p["inputs"] or {}).items())
     if p["inputs"] is not None:
-        # As plugins/module_utils/_fingerprint.py digest_of_parts does.
-        p["fingerprint"] = hashlib.sha256(json.dumps(inputs, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+        p["fingerprint"] = digest_of_parts(inputs)
     record, problem = read_record(p["path"])
     result = dict(changed=False, converged=False, reasons=[], recorded_at=None, roles=[])
     if record is not None:
