@@ -344,6 +344,9 @@ def ensure_package_cache() -> None:
     if not os.access(exe, os.X_OK):
         raise LabError("apt-cacher-ng is missing (the lab's package cache): run scripts/bootstrap.sh")
     gateways = lab_gateways()
+    if not gateways:
+        raise LabError("found no address of this machine on the lab networks (needs `ip`, from iproute2: "
+                       "run scripts/bootstrap.sh)")
     binds = CACHE_DIR / "run" / "binds"
     if _cache_pid() is not None and binds.exists() and binds.read_text().split() == gateways:
         return

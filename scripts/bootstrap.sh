@@ -21,6 +21,7 @@ command -v shellcheck >/dev/null || need+=(shellcheck)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v git >/dev/null || need+=(git)
 [ -x /usr/sbin/apt-cacher-ng ] || need+=(apt-cacher-ng)
+command -v ip >/dev/null || need+=(iproute2)  # labctl finds the lab networks' gateways with it
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then
   log "installing ${need[*]}"
