@@ -122,7 +122,7 @@ class EngineFile:
 class ResolvedArgs:
     """``engine_args`` after checking: what the request gets and what argv gets."""
 
-    argv: tuple = ()  # rendered flags and values, in input order
+    argv: tuple = ()  # rendered flags and values, by flag name
     files: tuple = ()  # EngineFile, ...
     request: tuple = ()  # ((request field, value), ...) from REQUEST_FLAGS
 
@@ -214,7 +214,7 @@ def render(flag: str, value: Any, where: str) -> list:
         raise EngineArgsError(f"{where} sets {flag} to {value}; {flag} takes a value, not true or false")
     if kind == "json":
         if isinstance(value, (Mapping, list)):
-            return [flag, json.dumps(value, separators=(",", ":"))]
+            return [flag, json.dumps(value, separators=(",", ":"), sort_keys=True)]
         return [flag, _scalar(flag, value, where)]
     if kind in ("list", "append"):
         items = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -283,7 +283,7 @@ def _lora_modules(value: Any, where: str, inventory_dir: str | None, slug: str) 
     """Adapters as ``name=path`` values (the edge reads the names) and their staged directories."""
     pairs: list = []
     if isinstance(value, Mapping):
-        pairs = list(value.items())
+        pairs = sorted(value.items(), key=lambda pair: str(pair[0]))
     elif isinstance(value, (list, tuple)):
         for item in value:
             if isinstance(item, str) and item.count("=") == 1:
@@ -361,7 +361,9 @@ def resolve(fleet: Any, model: Any, model_id: str, slug: str, inventory_dir: str
     files: list = []
     request: list = []
     keys = model_keys or {}
-    for flag, value in merged.items():
+    # Sorted: the same flags give the same argv whatever order the inventory (or
+    # ansible-inventory's JSON) lists them in, so a re-ordered mapping replaces no replica.
+    for flag, value in sorted(merged.items()):
         where = origin[flag]
         if flag in REQUEST_FLAGS:
             field, key = REQUEST_FLAGS[flag]

@@ -44,13 +44,13 @@ def plan(*models, engine_args=None, inventory_dir=None):
         ({"disable-log-stats": True}, ["--disable-log-stats"]),  # store_true: no --no- form
         ({"disable-log-stats": False}, []),
         ({"tool-call-parser": "llama3_json", "enable-auto-tool-choice": True},
-         ["--tool-call-parser", "llama3_json", "--enable-auto-tool-choice"]),
+         ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]),  # by flag name
         ({"otlp-traces-endpoint": "http://otel.internal:4317"}, ["--otlp-traces-endpoint", "http://otel.internal:4317"]),
         ({"max-num-batched-tokens": 8192}, ["--max-num-batched-tokens", "8192"]),
         ({"seed": -1}, ["--seed", "-1"]),
         ({"cpu-offload-gb": 2.5}, ["--cpu-offload-gb", "2.5"]),
         ({"compilation-config": {"level": 3, "cudagraph_capture_sizes": [1, 2]}},
-         ["--compilation-config", '{"level":3,"cudagraph_capture_sizes":[1,2]}']),
+         ["--compilation-config", '{"cudagraph_capture_sizes":[1,2],"level":3}']),
         ({"compilation-config": '{"level": 3}'}, ["--compilation-config", '{"level": 3}']),
         ({"collect-detailed-traces": ["model", "worker"]}, ["--collect-detailed-traces", "model", "worker"]),
         ({"middleware": ["a.b", "c.d"]}, ["--middleware", "a.b", "--middleware", "c.d"]),
@@ -64,6 +64,13 @@ def test_flags_render_the_way_the_engine_parses_them(args, expected):
     rendered = argv_of(args)
     assert rendered == expected
     assert all(is_rendered_flag(a) for a in rendered if a.startswith("--"))
+
+
+def test_argv_does_not_depend_on_the_order_of_the_mapping():
+    forward = {"enable-prefix-caching": True, "max-num-batched-tokens": 8192, "compilation-config": {"a": 1, "b": 2}}
+    backward = dict(reversed(list(forward.items())))
+    backward["compilation-config"] = {"b": 2, "a": 1}
+    assert argv_of(forward) == argv_of(backward)
 
 
 def test_the_model_wins_over_the_fleet_per_flag():
@@ -237,8 +244,8 @@ def test_lora_adapters_as_a_list_keep_their_names(tmp_path):
         (tmp_path / name).mkdir()
     rendered = argv_of({"lora-modules": ["one=a", {"name": "two", "path": "b"}], "enable-lora": True},
                        inventory_dir=str(tmp_path))
-    assert rendered == ["--lora-modules", f"one={CONTAINER_FILES_DIR}/llama-3-1-8b/lora/one",
-                        f"two={CONTAINER_FILES_DIR}/llama-3-1-8b/lora/two", "--enable-lora"]
+    assert rendered == ["--enable-lora", "--lora-modules", f"one={CONTAINER_FILES_DIR}/llama-3-1-8b/lora/one",
+                        f"two={CONTAINER_FILES_DIR}/llama-3-1-8b/lora/two"]
 
 
 # --------------------------------------------------------------------------- through the planner
@@ -252,7 +259,7 @@ def test_engine_args_reach_every_replica_after_the_planned_flags():
     for replica in replicas:
         argv = list(replica.argv)
         assert argv[argv.index("--max-num-seqs") + 1] == "128"
-        assert argv[-2:] == ["--trust-remote-code", "--enable-prefix-caching"]  # fleet-wide flags first
+        assert argv[-2:] == ["--enable-prefix-caching", "--trust-remote-code"]
         flags = [a for a in argv if a.startswith("--")]
         assert len(flags) == len(set(flags))
         assert all(f in APHRODITE_FLAGS for f in flags)
