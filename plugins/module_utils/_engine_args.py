@@ -32,7 +32,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from ._engine_flags import APHRODITE_FLAG_ALIASES, APHRODITE_FLAG_KINDS, APHRODITE_FLAGS, APHRODITE_VERSION
+from ._engine_flags import (
+    APHRODITE_CHAT_TEMPLATES,
+    APHRODITE_FLAG_ALIASES,
+    APHRODITE_FLAG_KINDS,
+    APHRODITE_FLAGS,
+    APHRODITE_VERSION,
+)
 
 # Where staged engine files appear inside every engine container (roles/engine mounts
 # <engine_files_dir>/<model slug> here, read-only).
@@ -97,7 +103,7 @@ FILE_FLAGS = {
     "--log-config-file": "file",
     "--generation-config": "dir",
 }
-_FILE_KEYWORDS = {"--generation-config": {"auto", "aphrodite", "vllm"}}
+_FILE_KEYWORDS = {"--generation-config": {"auto", "aphrodite"}}
 _LORA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -388,8 +394,12 @@ def resolve(fleet: Any, model: Any, model_id: str, slug: str, inventory_dir: str
             files += staged
             continue
         if flag in FILE_FLAGS and not (isinstance(value, str) and value in _FILE_KEYWORDS.get(flag, ())):
-            if flag == "--chat-template" and isinstance(value, str) and ("{" in value or "\n" in value):
-                argv += [flag, value]  # an inline template, not a path
+            if flag == "--chat-template" and isinstance(value, str) and ("{" in value or "}" in value or "\n" in value):
+                argv += [flag, value]  # an inline template, not a path (the engine's own test)
+                continue
+            if (flag == "--chat-template" and value in APHRODITE_CHAT_TEMPLATES
+                    and not os.path.isfile(_controller_path(flag, value, where, inventory_dir or "/nonexistent"))):
+                argv += [flag, value]  # one of the templates the engine ships
                 continue
             if flag == "--tool-parser-plugin" and value == "":
                 continue

@@ -665,3 +665,16 @@ APHRODITE_FLAG_ALIASES = {
     "-sc": "--speculative-config",
     "-tp": "--tensor-parallel-size",
 }
+
+# Chat templates the engine ships; --chat-template takes their names as they are.
+APHRODITE_CHAT_TEMPLATES = frozenset(
+    (
+        "template_basic.jinja",
+        "template_blip2.jinja",
+        "template_chatml.jinja",
+        "template_deepseek_ocr.jinja",
+        "template_deepseek_vl2.jinja",
+        "template_kimi_audio.jinja",
+        "template_minicpmv45.jinja",
+    )
+)

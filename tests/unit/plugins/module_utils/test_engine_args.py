@@ -58,6 +58,7 @@ def plan(*models, engine_args=None, inventory_dir=None):
         ({"chat-template": "{% for m in messages %}{{ m.content }}{% endfor %}"},
          ["--chat-template", "{% for m in messages %}{{ m.content }}{% endfor %}"]),
         ({"generation-config": "auto"}, ["--generation-config", "auto"]),
+        ({"chat-template": "template_chatml.jinja"}, ["--chat-template", "template_chatml.jinja"]),  # shipped
     ],
 )
 def test_flags_render_the_way_the_engine_parses_them(args, expected):
@@ -137,6 +138,8 @@ def test_memory_flags_become_request_fields_not_free_arguments(args, request_fie
         ({"no-enable-prefix-caching": "x"}, "it takes true or false"),
         ({7: True}, "has the key 7"),
         ({"chat-template": "templates/missing.jinja"}, "is not a file on the controller"),
+        ({"chat-template": "template_unknown.jinja"}, "is not a file on the controller"),
+        ({"generation-config": "vllm"}, "is not a directory on the controller"),
         ({"lora-modules": "sql=adapters/sql"}, "give a mapping of adapter name to adapter directory"),
         ({"lora-modules": {}}, "to no adapters"),
         ({"lora-modules": {"bad name": "adapters/sql"}}, "letters, digits"),

@@ -158,6 +158,8 @@ def test_generator_records_how_argparse_reads_each_flag(tmp_path):
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr("aphrodite/engine/arg_utils.py", KINDS_ARG_UTILS)
         archive.writestr("aphrodite/entrypoints/launchers/cli_args.py", KINDS_CLI_ARGS)
+        archive.writestr("aphrodite/transformers_utils/chat_templates/template_x.jinja", "{{ x }}")
+        archive.writestr("aphrodite/transformers_utils/chat_templates/registry.py", "")
     kinds, aliases = script.flag_table_from_wheel(wheel)
     assert kinds == {
         "--enable-prefix-caching": "bool", "--hf-token": "optional", "--served-model-name": "list",
@@ -172,6 +174,7 @@ def test_generator_records_how_argparse_reads_each_flag(tmp_path):
     generated = runpy.run_path(str(output))
     assert generated["APHRODITE_FLAG_KINDS"] == kinds
     assert generated["APHRODITE_FLAG_ALIASES"] == aliases
+    assert generated["APHRODITE_CHAT_TEMPLATES"] == {"template_x.jinja"}
 
 
 @pytest.mark.parametrize(
@@ -187,6 +190,11 @@ def test_generator_records_how_argparse_reads_each_flag(tmp_path):
 )
 def test_kinds_of_the_pinned_release(flag, kind):
     assert _engine_flags.APHRODITE_FLAG_KINDS[flag] == kind
+
+
+def test_the_shipped_chat_templates_are_listed():
+    assert "template_chatml.jinja" in _engine_flags.APHRODITE_CHAT_TEMPLATES
+    assert all(name.endswith(".jinja") and "/" not in name for name in _engine_flags.APHRODITE_CHAT_TEMPLATES)
 
 
 def test_every_long_flag_has_a_kind_and_every_alias_a_long_flag():
