@@ -196,7 +196,19 @@ def _scalar(flag: str, value: Any, where: str) -> str:
     text = str(value)
     if not text:
         raise EngineArgsError(f"{where} sets {flag} to an empty string; give a value or leave {flag} out")
+    if text.startswith("-") and not _is_number(text):
+        raise EngineArgsError(
+            f"{where} sets {flag} to {text!r}; the engine would read a value that starts with - as another flag"
+        )
     return text
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def render(flag: str, value: Any, where: str) -> list:
@@ -285,7 +297,7 @@ def _stage(flag: str, value: Any, kind: str, subdir: str, where: str, inventory_
     return EngineFile(source, f"{slug}/{relative}", kind, content_digest(source)), f"{CONTAINER_FILES_DIR}/{slug}/{relative}"
 
 
-def _lora_modules(value: Any, where: str, inventory_dir: str | None, slug: str) -> tuple:
+def _lora_modules(value: Any, where: str, inventory_dir: str | None, slug: str, taken: tuple = ()) -> tuple:
     """Adapters as ``name=path`` values (the edge reads the names) and their staged directories."""
     pairs: list = []
     if isinstance(value, Mapping):
@@ -318,6 +330,11 @@ def _lora_modules(value: Any, where: str, inventory_dir: str | None, slug: str) 
             )
         if name in names:
             raise EngineArgsError(f"{where} names the LoRA adapter {name} twice; give each adapter its own name")
+        if name in taken:
+            raise EngineArgsError(
+                f"{where} names a LoRA adapter {name}, which is already the name clients use for the base model; "
+                f"give the adapter another name"
+            )
         names.add(name)
         staged, target = _stage("--lora-modules", path, "dir", f"lora/{name}", where, inventory_dir, slug)
         # The adapter directory itself becomes lora/<name>, whatever its controller name.
@@ -352,7 +369,8 @@ def resolve(fleet: Any, model: Any, model_id: str, slug: str, inventory_dir: str
     """Check and render a model's engine arguments: ``aphrodite_engine_args`` overlaid by its own.
 
     ``model_keys`` holds the entry's keys that a flag of :data:`REQUEST_FLAGS` may duplicate
-    (``kv_cache_dtype``, ``enforce_eager``); a flag and its key that disagree are refused.
+    (``kv_cache_dtype``, ``enforce_eager``), a flag and its key that disagree are refused,
+    and ``served_model_name``, which no LoRA adapter may take.
     Raises :class:`EngineArgsError` with one paragraph naming the flag and the fix.
     """
     fleet_where = "aphrodite_engine_args"
@@ -389,7 +407,8 @@ def resolve(fleet: Any, model: Any, model_id: str, slug: str, inventory_dir: str
             request.append((field, checked))
             continue
         if flag == "--lora-modules":
-            rendered, staged = _lora_modules(value, where, inventory_dir, slug)
+            taken = tuple(str(n) for n in (model_id, keys.get("served_model_name")) if n)
+            rendered, staged = _lora_modules(value, where, inventory_dir, slug, taken)
             argv += rendered
             files += staged
             continue

@@ -142,6 +142,8 @@ def test_memory_flags_become_request_fields_not_free_arguments(args, request_fie
         ({"generation-config": "vllm"}, "is not a directory on the controller"),
         ({"lora-modules": "sql=adapters/sql"}, "give a mapping of adapter name to adapter directory"),
         ({"lora-modules": {}}, "to no adapters"),
+        ({"lora-modules": {MODEL: "a"}}, "letters, digits"),
+        ({"otlp-traces-endpoint": "--port"}, "would read a value that starts with - as another flag"),
         ({"lora-modules": {"bad name": "adapters/sql"}}, "letters, digits"),
         ({"lora-modules": [{"name": "a", "path": "p", "base_model_name": "b"}]}, "give each as name=path"),
     ],
@@ -240,6 +242,12 @@ def test_lora_adapters_are_checked(tmp_path, lora, extra, message):
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 64}))
     with pytest.raises(EngineArgsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve(None, {"lora-modules": lora, **extra}, MODEL, "slug", str(tmp_path))
+
+
+def test_an_adapter_may_not_take_the_name_of_its_base_model(tmp_path):
+    (tmp_path / "a").mkdir()
+    with pytest.raises(EngineArgsError, match="llama-8b, which is already the name clients use for the base model"):
+        resolve(None, {"lora-modules": {"llama-8b": "a"}}, MODEL, "slug", str(tmp_path), {"served_model_name": "llama-8b"})
 
 
 def test_lora_adapters_as_a_list_keep_their_names(tmp_path):
