@@ -282,9 +282,12 @@ def content_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def _stage(flag: str, value: Any, kind: str, subdir: str, where: str, inventory_dir: str | None,
-           slug: str) -> tuple:
-    """``(EngineFile, container path)`` for a controller path given to ``flag``."""
+def _stage(flag: str, value: Any, kind: str, where: str, inventory_dir: str | None, slug: str,
+           relative: str | None = None) -> tuple:
+    """``(EngineFile, container path)`` for a controller path given to ``flag``.
+
+    It is staged as ``<slug>/<relative>``; by default ``<flag name>/<its base name>``.
+    """
     source = _controller_path(flag, value, where, inventory_dir)
     exists = os.path.isfile(source) if kind == "file" else os.path.isdir(source)
     if not exists:
@@ -293,7 +296,7 @@ def _stage(flag: str, value: Any, kind: str, subdir: str, where: str, inventory_
             f"{where} sets {flag} to {value}, but {source} is not a {what} on the controller; "
             f"put the {what} there (paths are relative to the inventory directory) or fix the path"
         )
-    relative = f"{subdir}/{os.path.basename(source.rstrip('/'))}"
+    relative = relative or f"{flag[2:]}/{os.path.basename(source.rstrip('/'))}"
     return EngineFile(source, f"{slug}/{relative}", kind, content_digest(source)), f"{CONTAINER_FILES_DIR}/{slug}/{relative}"
 
 
@@ -336,11 +339,10 @@ def _lora_modules(value: Any, where: str, inventory_dir: str | None, slug: str, 
                 f"give the adapter another name"
             )
         names.add(name)
-        staged, target = _stage("--lora-modules", path, "dir", f"lora/{name}", where, inventory_dir, slug)
         # The adapter directory itself becomes lora/<name>, whatever its controller name.
-        staged = EngineFile(staged.source, f"{slug}/lora/{name}", "dir", staged.sha256)
+        staged, target = _stage("--lora-modules", path, "dir", where, inventory_dir, slug, f"lora/{name}")
         files.append(staged)
-        values.append(f"{name}={CONTAINER_FILES_DIR}/{slug}/lora/{name}")
+        values.append(f"{name}={target}")
     return ["--lora-modules"] + values, files
 
 
@@ -422,8 +424,7 @@ def resolve(fleet: Any, model: Any, model_id: str, slug: str, inventory_dir: str
                 continue
             if flag == "--tool-parser-plugin" and value == "":
                 continue
-            subdir = flag[2:]
-            staged, target = _stage(flag, value, FILE_FLAGS[flag], subdir, where, inventory_dir, slug)
+            staged, target = _stage(flag, value, FILE_FLAGS[flag], where, inventory_dir, slug)
             files.append(staged)
             argv += [flag, target]
             continue
