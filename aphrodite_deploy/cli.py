@@ -21,7 +21,7 @@ from . import __version__
 from ._core._plan_input import plan_inventory
 from ._core._planner import Plan, PlanError
 from .events import RunLog, StageMap
-from .inventory import FactCache, InventoryError, default_fact_cache, read_fact_cache, read_inventory
+from .inventory import FactCache, InventoryError, default_fact_cache, fleet_engine_args, read_fact_cache, read_inventory
 from .progress import Progress, duration
 from .runner import DEFAULT_KEEP, RunnerError, RunResult, artifacts_root, find_project_dir, run_playbook
 from .vault import ENV_PASSWORD, VaultError, VaultSecrets, take_env_password
@@ -134,6 +134,7 @@ def run_plan(args: argparse.Namespace, stdout: TextIO | None = None, stderr: Tex
     try:
         with VaultSecrets(args.vault_password_file, getattr(args, "env_vault_password", None)) as vault:
             inventory = read_inventory(args.inventory, vault.path)
+        engine_args = fleet_engine_args(inventory.hostvars, inventory.groups)
         gathered: dict[str, Any] = {}
         notes = list(inventory.notes)
         if not args.no_fact_cache:
@@ -150,7 +151,7 @@ def run_plan(args: argparse.Namespace, stdout: TextIO | None = None, stderr: Tex
         return EXIT_ERROR
     try:
         plan = plan_inventory(inventory.models, inventory.hostvars, inventory.groups, str(inventory.directory),
-                              args.objective, gathered)
+                              args.objective, gathered, engine_args=engine_args)
     except PlanError as exc:
         print(f"aphrodite-deploy plan: infeasible: {exc}", file=err)
         return EXIT_INFEASIBLE

@@ -120,6 +120,23 @@ def _models(hostvars: dict[str, dict[str, Any]], groups: dict[str, list[str]]) -
     return models, []
 
 
+def fleet_engine_args(hostvars: dict[str, dict[str, Any]], groups: dict[str, list[str]]) -> Any:
+    """``aphrodite_engine_args`` as the GPU nodes see it (the playbook plans on one of them);
+    it must be the same for every GPU node, unset included. ``None`` when no host sets it."""
+    order = [h for h in (groups.get("gpu_nodes") or list(hostvars)) if h in hostvars]
+    found = [(h, hostvars[h].get("aphrodite_engine_args")) for h in order]
+    if not found:
+        return None
+    host, value = found[0]
+    for other, other_value in found[1:]:
+        if other_value != value:
+            raise InventoryError(
+                f"aphrodite_engine_args differs between {host} and {other}; define it once, in group_vars/all, "
+                f"and put per-model flags in engine_args of the model in aphrodite_models"
+            )
+    return value
+
+
 # Model configurations live in the inventory directory (``models/<name>/config.json``);
 # Ansible would otherwise read those JSON files as inventory sources.
 MODELS_DIR_PATTERN = "^models$"

@@ -1,12 +1,19 @@
 # Copyright: aphrodite.baremetal contributors
 # Apache License 2.0 (see LICENSE)
-"""Engine command lines for containers, from the planner's arguments."""
+"""Engine command lines, staged files and mounts for containers, from the planner's replicas."""
 
 from __future__ import annotations
 
+import hashlib
+import posixpath
+from collections.abc import Mapping
 from typing import Any
 
 from ansible.errors import AnsibleFilterError
+
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._engine_args import CONTAINER_FILES_DIR
+
+_FILE_KEYS = ("source", "path", "kind", "sha256")
 
 
 def _set(args: list, flag: str, value: str) -> None:
@@ -40,8 +47,75 @@ def engine_container_argv(argv: Any, model_path: str, served_model_name: str, bi
     return args
 
 
+def _checked_files(replica: Any) -> list:
+    if not isinstance(replica, Mapping):
+        raise AnsibleFilterError("expects a replica from aphrodite.baremetal.host_replicas")
+    files = replica.get("files") or []
+    for item in files:
+        if not isinstance(item, Mapping) or any(not item.get(k) for k in _FILE_KEYS) or item["kind"] not in ("file", "dir"):
+            raise AnsibleFilterError(
+                f"replica {replica.get('name')} has a staged file entry {item!r}; each needs source, path, kind "
+                f"(file or dir) and sha256, as aphrodite.baremetal.plan_fleet writes them"
+            )
+        path = str(item["path"])
+        if path.startswith("/") or ".." in path.split("/") or "/" not in path:
+            raise AnsibleFilterError(f"staged file path {path!r} of replica {replica.get('name')} must be <model>/<name>")
+    return list(files)
+
+
+def engine_staged_files(replicas: Any) -> list:
+    """The files and directories the replicas' engine arguments name, each once (by path).
+
+    Every entry keeps ``source`` (controller), ``path`` (under the staging directory),
+    ``kind`` and ``sha256``, and gains ``dir``: the directory that must exist before it is
+    copied (the entry itself for a directory, its parent for a file).
+    """
+    if not isinstance(replicas, (list, tuple)):
+        raise AnsibleFilterError("engine_staged_files expects the list of aphrodite.baremetal.host_replicas")
+    seen: dict = {}
+    for replica in replicas:
+        for item in _checked_files(replica):
+            path = str(item["path"])
+            if path in seen and seen[path]["sha256"] != item["sha256"]:
+                raise AnsibleFilterError(f"staged file {path} has two contents in one plan; plan the fleet again")
+            seen.setdefault(path, {**{k: item[k] for k in _FILE_KEYS},
+                                   "dir": path if item["kind"] == "dir" else posixpath.dirname(path)})
+    return [seen[path] for path in sorted(seen)]
+
+
+def engine_file_mounts(replica: Any, files_dir: str) -> list:
+    """Read-only bind mounts of the replica's staged files: ``<files_dir>/<model>`` at
+    ``/engine-files/<model>``, where the planner's argv expects them. Empty without files."""
+    if not files_dir or not str(files_dir).startswith("/"):
+        raise AnsibleFilterError(f"engine_file_mounts needs engine_files_dir as an absolute path, got {files_dir!r}")
+    tops = sorted({str(item["path"]).split("/", maxsplit=1)[0] for item in _checked_files(replica)})
+    return [
+        {"type": "bind", "source": f"{str(files_dir).rstrip('/')}/{top}", "target": f"{CONTAINER_FILES_DIR}/{top}",
+         "read_only": True}
+        for top in tops
+    ]
+
+
+def engine_files_digest(replica: Any) -> str:
+    """One digest of the content of every file the replica stages ('' without files).
+
+    It labels the container: a changed chat template or adapter keeps its path, so only
+    the label tells Docker that the replica must be replaced to read it again.
+    """
+    files = sorted(_checked_files(replica), key=lambda item: str(item["path"]))
+    if not files:
+        return ""
+    text = "\n".join(f"{item['path']} {item['sha256']}" for item in files)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 class FilterModule:
     """aphrodite.baremetal engine filters."""
 
     def filters(self) -> dict:
-        return {"engine_container_argv": engine_container_argv}
+        return {
+            "engine_container_argv": engine_container_argv,
+            "engine_staged_files": engine_staged_files,
+            "engine_file_mounts": engine_file_mounts,
+            "engine_files_digest": engine_files_digest,
+        }

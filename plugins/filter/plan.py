@@ -40,7 +40,7 @@ def _host_variables(hostvars: Any, hosts: list) -> dict:
 
 
 def plan_fleet(models: Any, hostvars: Any, groups: Any, inventory_dir: str | None = None,
-               objective: str | None = None) -> dict:
+               objective: str | None = None, engine_args: Any = None) -> dict:
     """Plan ``aphrodite_models`` on the inventory's GPU hosts; see plan_fleet.yml."""
     if not isinstance(groups, Mapping):
         raise AnsibleFilterError("plan_fleet needs the inventory's groups as its second argument: plan_fleet(hostvars, groups)")
@@ -49,7 +49,7 @@ def plan_fleet(models: Any, hostvars: Any, groups: Any, inventory_dir: str | Non
     hosts = sorted({h for members in groups.values() for h in (members or [])})
     try:
         plan = plan_inventory(list(models or []), _host_variables(hostvars, hosts), dict(groups),
-                              inventory_dir, objective)
+                              inventory_dir, objective, engine_args=engine_args)
     except PlanError as exc:
         raise AnsibleFilterError(str(exc))
     display = Display()
@@ -82,6 +82,7 @@ def host_replicas(plan: Any, host: str) -> list:
                 "nnodes": len(placement),
                 "head": replica["head"],
                 "argv": argv,
+                "files": list(replica.get("files", [])),
             })
     return result
 

@@ -10,7 +10,9 @@ The inventory contract (issue 3):
   inventory directory, or the parsed config itself), and optionally ``quantization``,
   ``max_model_len``, ``gpu_memory_utilization``, ``tensor_parallel_size``, ``hosts``
   (a group or a list of hosts; default ``gpu_nodes``), ``replicas``, ``objective``,
-  ``kv_cache_dtype``, ``served_model_name``, ``name``, ``enforce_eager``.
+  ``kv_cache_dtype``, ``served_model_name``, ``name``, ``enforce_eager`` and ``engine_args``
+  (engine flags of the user's choosing, :mod:`._engine_args`), overlaid per flag on the
+  fleet-wide ``aphrodite_engine_args``.
 
 Pure Python: no Ansible imports.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from ._engine_args import EngineArgsError, resolve as resolve_engine_args
 from ._fleet import FactsError, host_gpus
 from ._model_spec import ModelSpecError, apply_quantization_override, load_model_spec, parse_config
 from ._planner import (
@@ -29,14 +32,17 @@ from ._planner import (
     Plan,
     PlanError,
     plan_fleet,
+    replica_slug,
 )
 
 DEFAULT_HOSTS_GROUP = "gpu_nodes"
 MODEL_KEYS = frozenset((
     "id", "config", "quantization", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
     "hosts", "replicas", "objective", "kv_cache_dtype", "served_model_name", "name", "enforce_eager",
-    "source", "revision",
+    "source", "revision", "engine_args",
 ))
+# Integer keys that must be 1 or more.
+POSITIVE_KEYS = ("max_model_len", "tensor_parallel_size", "replicas")
 
 
 def resolve_hosts(selector: Any, groups: Mapping[str, Any], model_id: str) -> tuple:
@@ -78,13 +84,22 @@ def _number(entry: Mapping, key: str, model_id: str, kind: type, default: Any = 
     if value is None or value == "":
         return default
     try:
+        if isinstance(value, bool):
+            raise ValueError
         if kind is int:
-            if isinstance(value, bool) or float(value) != int(float(value)):
+            if float(value) != int(float(value)):
                 raise ValueError
-            return int(float(value))
-        return kind(value)
-    except (TypeError, ValueError):
+            number: Any = int(float(value))
+        else:
+            number = kind(value)
+    except (TypeError, ValueError, OverflowError):
         raise PlanError(f"{key} of {model_id} in aphrodite_models must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if key in POSITIVE_KEYS and number < 1:
+        raise PlanError(
+            f"{key} of {model_id} in aphrodite_models is {value!r}; it must be a positive integer "
+            f"(1 or more), or left out for the planner's choice"
+        )
+    return number
 
 
 def _bool(value: Any) -> bool:
@@ -94,8 +109,11 @@ def _bool(value: Any) -> bool:
 
 
 def model_request(entry: Mapping[str, Any], groups: Mapping[str, Any], inventory_dir: str | None,
-                  objective: str | None = None) -> ModelRequest:
-    """Build a :class:`ModelRequest` from one ``aphrodite_models`` entry."""
+                  objective: str | None = None, fleet_engine_args: Any = None) -> ModelRequest:
+    """Build a :class:`ModelRequest` from one ``aphrodite_models`` entry.
+
+    ``fleet_engine_args`` is ``aphrodite_engine_args``; the entry's ``engine_args`` win per flag.
+    """
     if not isinstance(entry, Mapping) or not entry.get("id"):
         raise PlanError(f"every aphrodite_models entry needs an id (the model's Hugging Face id or path), got {entry!r}")
     model_id = str(entry["id"])
@@ -133,6 +151,21 @@ def model_request(entry: Mapping[str, Any], groups: Mapping[str, Any], inventory
     # passing the same name would force the slower non-Marlin kernels, so only differing
     # names (fp8 at load time, an explicit *_marlin) reach --quantization.
     flag = str(quantization) if quantization and str(quantization) != checkpoint_method else None
+    served = entry.get("served_model_name")
+    if served is not None and served != "" and (isinstance(served, (bool, Mapping, list, tuple)) or not str(served).strip()):
+        raise PlanError(
+            f"served_model_name of {model_id} in aphrodite_models must be one name (a string), got {served!r}"
+        )
+    name = entry.get("name") or None
+    try:
+        resolved = resolve_engine_args(
+            fleet_engine_args, entry.get("engine_args"), model_id, str(name) if name else replica_slug(model_id),
+            inventory_dir, {"kv_cache_dtype": entry.get("kv_cache_dtype"), "served_model_name": served,
+             "enforce_eager": _bool(entry["enforce_eager"]) if entry.get("enforce_eager") not in (None, "") else None},
+        )
+    except EngineArgsError as exc:
+        raise PlanError(str(exc))
+    from_args = dict(resolved.request)
     return ModelRequest(
         model_id=model_id,
         spec=spec,
@@ -144,10 +177,13 @@ def model_request(entry: Mapping[str, Any], groups: Mapping[str, Any], inventory
         replicas=_number(entry, "replicas", model_id, int),
         objective=chosen_objective,
         quantization_flag=flag,
-        kv_cache_dtype=str(entry.get("kv_cache_dtype") or "auto"),
-        served_model_name=entry.get("served_model_name") or None,
-        name=entry.get("name") or None,
-        enforce_eager=_bool(entry.get("enforce_eager", False)),
+        kv_cache_dtype=str(entry.get("kv_cache_dtype") or from_args.get("kv_cache_dtype") or "auto"),
+        served_model_name=str(served) if served not in (None, "") else None,
+        name=name,
+        enforce_eager=_bool(entry.get("enforce_eager", from_args.get("enforce_eager", False))),
+        max_num_seqs=from_args.get("max_num_seqs"),
+        engine_args=resolved.argv,
+        engine_files=resolved.files,
     )
 
 
@@ -169,18 +205,20 @@ def host_facts(host: str, hostvars: Mapping[str, Any], gathered: Any = None) -> 
 
 
 def plan_inventory(models: Any, hostvars: Mapping[str, Any], groups: Mapping[str, Any], inventory_dir: str | None = None,
-                   objective: str | None = None, gathered: Mapping[str, Any] | None = None) -> Plan:
+                   objective: str | None = None, gathered: Mapping[str, Any] | None = None,
+                   engine_args: Any = None) -> Plan:
     """Plan ``aphrodite_models`` against the inventory; the result's notes hold mismatches.
 
     ``gathered`` maps hostnames to ``aphrodite_gpus`` facts from a fact cache; they win
-    over facts found in ``hostvars``.
+    over facts found in ``hostvars``. ``engine_args`` is the fleet-wide
+    ``aphrodite_engine_args`` (each model's own ``engine_args`` win per flag).
     """
     if not isinstance(models, (list, tuple)) or not models:
         raise PlanError(
             "aphrodite_models must be a non-empty list of models, each with id and config "
             "(see the inventory contract in docs)"
         )
-    requests = [model_request(entry, groups, inventory_dir, objective) for entry in models]
+    requests = [model_request(entry, groups, inventory_dir, objective, engine_args) for entry in models]
     wanted = []
     for req in requests:
         wanted.extend(h for h in req.hosts if h not in wanted)

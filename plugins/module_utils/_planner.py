@@ -30,7 +30,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ._engine_flags import APHRODITE_FLAGS
+from ._engine_args import is_rendered_flag
+from ._engine_flags import APHRODITE_FLAG_KINDS
 from ._fleet import MIB, HostGpus
 from ._model_spec import (
     GIB,
@@ -84,6 +85,9 @@ class ModelRequest:
     served_model_name: str | None = None
     name: str | None = None  # prefix of replica names; default from the model id
     enforce_eager: bool = False
+    max_num_seqs: int | None = None  # --max-num-seqs; None: the engine's default for the GPU
+    engine_args: tuple = ()  # the user's flags (engine_args), rendered and checked by _engine_args
+    engine_files: tuple = ()  # _engine_args.EngineFile, ...: controller files those flags name
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ class Replica:
     weights_gib_per_gpu: float
     kv_cache_tokens: int
     argv: tuple
+    files: tuple = ()  # _engine_args.EngineFile, ... staged on every node of the replica
 
     @property
     def head(self) -> str:
@@ -113,6 +118,7 @@ class Replica:
             "weights_gib_per_gpu": self.weights_gib_per_gpu,
             "kv_cache_tokens": self.kv_cache_tokens,
             "argv": list(self.argv),
+            **({"files": [f.to_dict() for f in self.files]} if self.files else {}),
         }
 
 
@@ -214,6 +220,8 @@ def build_argv(req: ModelRequest, tp: int, pp: int, max_model_len: int, port: in
         argv += ["--kv-cache-dtype", req.kv_cache_dtype]
     if req.enforce_eager:
         argv += ["--enforce-eager"]
+    if req.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(req.max_num_seqs)]
     if head.bind_address:
         argv += ["--host", head.bind_address]
     argv += ["--port", str(port)]
@@ -223,10 +231,16 @@ def build_argv(req: ModelRequest, tp: int, pp: int, max_model_len: int, port: in
             "--master-addr", master_addr or head.address or head.host,
             "--master-port", str(master_port or DEFAULT_MASTER_PORT),
         ]
-    unknown = [a for a in argv if a.startswith("-") and not _is_number(a) and a not in APHRODITE_FLAGS]
+    argv += [str(a) for a in req.engine_args]  # the user's flags, after the planned ones
+    flags = [a for a in argv if a.startswith("-") and not _is_number(a)]
+    unknown = [a for a in flags if not is_rendered_flag(a)]
     secret = [a for a in argv if a in SECRET_FLAGS]
-    if unknown or secret:  # a planner bug, not an input problem
-        raise AssertionError(f"rendered engine flags {unknown + secret} must exist in the pinned release and hold no secret")
+    repeated = sorted({a for a in flags if flags.count(a) > 1 and APHRODITE_FLAG_KINDS.get(a) != "append"})
+    if unknown or secret or repeated:  # a planner bug: _engine_args refuses such input
+        raise AssertionError(
+            f"rendered engine flags {unknown + secret + repeated} must exist in the pinned release, hold no secret "
+            f"and appear once"
+        )
     return tuple(argv)
 
 
@@ -542,6 +556,7 @@ class _ModelPlanner:
             weights_gib_per_gpu=round(shape.weights_per_gpu / GIB, 2),
             kv_cache_tokens=shape.kv_tokens,
             argv=argv,
+            files=self.req.engine_files,
         ))
 
     # ---- messages

@@ -266,3 +266,65 @@ def test_tagged_cache_values_are_unwrapped():
     assert _plain({"a": {"value": [1, {"__ansible_unsafe": "x"}], "tags": [], "__ansible_type": "_AnsibleTaggedList"},
                    "v": {"__ansible_vault": "$ANSIBLE_VAULT;1.1"}, "e": {"__ansible_type": "EncryptedString"}}) == {
         "a": [1, "x"], "v": None, "e": None}
+
+
+def test_engine_args_of_models_and_of_the_fleet_reach_argv(tmp_path):
+    inventory = make_inventory(tmp_path, textwrap.dedent("""\
+        aphrodite_engine_args:
+          trust-remote-code: true
+          max-num-seqs: 64
+        aphrodite_models:
+          - id: meta-llama/Llama-3.1-8B-Instruct
+            config: models/llama-3.1-8b-instruct/config.json
+            served_model_name: llama-8b
+            replicas: 1
+            engine_args:
+              enable-prefix-caching: true
+              max-num-seqs: 256
+              chat-template: templates/llama3.jinja
+        """))
+    (inventory / "templates").mkdir()
+    (inventory / "templates" / "llama3.jinja").write_text("{{ messages }}")
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    replica = json.loads(result.stdout)["deployments"][0]["replicas"][0]
+    argv = replica["argv"]
+    assert argv[argv.index("--served-model-name") + 1] == "llama-8b"
+    assert argv[argv.index("--max-num-seqs") + 1] == "256"
+    assert argv[-4:] == ["--chat-template", "/engine-files/llama-3-1-8b/chat-template/llama3.jinja",
+                         "--enable-prefix-caching", "--trust-remote-code"]  # by flag name
+    assert [f["path"] for f in replica["files"]] == ["llama-3-1-8b/chat-template/llama3.jinja"]
+    assert replica["files"][0]["source"] == str((inventory / "templates" / "llama3.jinja").resolve())
+
+
+@pytest.mark.parametrize(
+    ("models_yaml", "message"),
+    [
+        ("aphrodite_engine_args: {max-num-seq: 8}\n" + MODELS_70B_AND_8B,
+         "aphrodite_engine_args sets --max-num-seq, which aphrodite-engine 0.24.1 does not accept; "
+         "the nearest known flag is --max-num-seqs"),
+        ("aphrodite_engine_args: [enable-prefix-caching]\n" + MODELS_70B_AND_8B,
+         "aphrodite_engine_args must be a mapping of engine flag to value"),
+        (MODELS_70B_AND_8B + "    engine_args: {port: 8000}\n",
+         "engine_args of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models sets --port, which the plan owns"),
+        (MODELS_70B_AND_8B + "    engine_args: {tensor-parallel-size: 2}\n",
+         "set tensor_parallel_size of the model in aphrodite_models"),
+        (MODELS_70B_AND_8B + "    engine_args: {chat-template: templates/none.jinja}\n", "is not a file on the controller"),
+        (MODELS_70B_AND_8B + "    max_model_len: -5\n",
+         "max_model_len of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models is -5; it must be a positive integer"),
+    ],
+)
+def test_bad_engine_args_exit_2_with_one_paragraph(tmp_path, models_yaml, message):
+    make_inventory(tmp_path, models_yaml)
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "\n" not in result.stderr.strip()
+    assert message in result.stderr
+
+
+def test_aphrodite_engine_args_must_be_the_same_on_every_gpu_node(tmp_path):
+    make_inventory(tmp_path, MODELS_70B_AND_8B, gpu2="aphrodite_engine_args: {enable-prefix-caching: false}\n")
+    result = run_cli(tmp_path, "plan", "-i", "inventory")
+    assert result.returncode == 1
+    assert "aphrodite_engine_args differs between gpu1 and gpu2; define it once, in group_vars/all" in result.stderr

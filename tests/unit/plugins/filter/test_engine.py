@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.aphrodite.baremetal.plugins.filter.engine import engine_container_argv
+from ansible_collections.aphrodite.baremetal.plugins.filter.engine import (
+    engine_container_argv,
+    engine_file_mounts,
+    engine_files_digest,
+    engine_staged_files,
+)
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._engine_args import CONTAINER_FILES_DIR
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._engine_flags import APHRODITE_FLAGS
 
 PLAN_ARGV = ["--model", "meta-llama/Llama-3.1-8B-Instruct", "--tensor-parallel-size", "1", "--port", "2242"]
@@ -35,3 +41,55 @@ def test_a_bound_host_and_served_name_in_the_plan_are_kept() -> None:
 def test_bad_input_says_what_to_fix(argv: list, address: str, message: str) -> None:
     with pytest.raises(AnsibleFilterError, match=message):
         engine_container_argv(argv, "/models/x", "x", address)
+
+
+FILES = [
+    {"source": "/inv/templates/llama3.jinja", "path": "llama-3-1-8b/chat-template/llama3.jinja", "kind": "file", "sha256": "a" * 64},
+    {"source": "/inv/adapters/sql", "path": "llama-3-1-8b/lora/sql", "kind": "dir", "sha256": "b" * 64},
+]
+
+
+def test_staged_files_are_listed_once_with_the_directory_to_create() -> None:
+    replicas = [{"name": "llama-3-1-8b-0", "files": FILES}, {"name": "llama-3-1-8b-1", "files": FILES[::-1]},
+                {"name": "qwen-0", "files": []}, {"name": "qwen-1"}]
+    assert engine_staged_files(replicas) == [
+        {**FILES[0], "dir": "llama-3-1-8b/chat-template"},
+        {**FILES[1], "dir": "llama-3-1-8b/lora/sql"},
+    ]
+    assert engine_staged_files([]) == []
+
+
+def test_mounts_are_read_only_and_where_the_argv_expects_them() -> None:
+    mounts = engine_file_mounts({"name": "r", "files": FILES}, "/var/lib/aphrodite/engine-files/")
+    assert mounts == [{"type": "bind", "source": "/var/lib/aphrodite/engine-files/llama-3-1-8b",
+                       "target": f"{CONTAINER_FILES_DIR}/llama-3-1-8b", "read_only": True}]
+    assert engine_file_mounts({"name": "r"}, "/var/lib/aphrodite/engine-files") == []
+
+
+def test_the_files_digest_changes_with_the_content_only() -> None:
+    replica = {"name": "r", "files": FILES}
+    assert engine_files_digest({"name": "r"}) == ""
+    assert engine_files_digest(replica) == engine_files_digest({"name": "r", "files": FILES[::-1]})
+    changed = [FILES[0], {**FILES[1], "sha256": "c" * 64}]
+    assert engine_files_digest({"name": "r", "files": changed}) != engine_files_digest(replica)
+
+
+@pytest.mark.parametrize("files, message", [
+    ([{"source": "/x", "path": "m/x", "kind": "link", "sha256": "a"}], "kind"),
+    ([{"source": "/x", "path": "../etc/passwd", "kind": "file", "sha256": "a"}], "must be <model>/<name>"),
+    ([{"source": "/x", "path": "/etc/x", "kind": "file", "sha256": "a"}], "must be <model>/<name>"),
+    ([{"path": "m/x", "kind": "file", "sha256": "a"}], "each needs source"),
+])
+def test_bad_file_entries_are_refused(files: list, message: str) -> None:
+    with pytest.raises(AnsibleFilterError, match=message):
+        engine_staged_files([{"name": "r", "files": files}])
+
+
+def test_one_path_with_two_contents_is_refused() -> None:
+    with pytest.raises(AnsibleFilterError, match="has two contents"):
+        engine_staged_files([{"name": "a", "files": FILES}, {"name": "b", "files": [{**FILES[0], "sha256": "d" * 64}]}])
+
+
+def test_a_mount_needs_an_absolute_directory() -> None:
+    with pytest.raises(AnsibleFilterError, match="absolute path"):
+        engine_file_mounts({"name": "r", "files": FILES}, "engine-files")

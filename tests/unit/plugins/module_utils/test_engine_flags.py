@@ -107,3 +107,99 @@ def test_generator_fails_clearly_when_the_layout_changes(tmp_path):
         archive.writestr("aphrodite/engine/arg_utils.py", ARG_UTILS)
     with pytest.raises(SystemExit, match="has no aphrodite/entrypoints/launchers/cli_args.py"):
         script.flags_from_wheel(wheel)
+
+
+KINDS_ARG_UTILS = '''
+from dataclasses import dataclass
+
+@dataclass
+class EngineArgs:
+    enable_prefix_caching: bool | None = None
+    hf_token: bool | str | None = None
+    served_model_name: str | list[str] | None = None
+    compilation_config: CompilationConfig = None
+    override_generation_config: dict[str, Any] = None
+    quantization_config: "dict[str, Any] | None" = None
+    kv_cache_dtype: CacheDType = "auto"
+    max_num_seqs: int | None = None
+
+def add_cli_args(parser):
+    parser.add_argument("--disable-log-stats", action="store_true")
+    parser.add_argument("--enable-lora", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--compilation-config", "-cc", **kwargs["compilation_config"])
+    parser.add_argument("--api-server-count", "-asc", type=int)
+'''
+
+KINDS_CLI_ARGS = '''
+from dataclasses import dataclass
+
+@dataclass
+class BaseFrontendArgs:
+    lora_modules: list[LoRAModulePath] | None = None
+    default_chat_template_kwargs: dict[str, Any] | None = None
+
+@dataclass
+class FrontendArgs(BaseFrontendArgs):
+    middleware: list[str] = None
+    allowed_origins: list[str] = None
+
+    def _customize_cli_kwargs(cls, frontend_kwargs):
+        frontend_kwargs["lora_modules"]["action"] = LoRAParserAction
+        frontend_kwargs["allowed_origins"]["type"] = json.loads
+        del frontend_kwargs["allowed_origins"]["nargs"]
+        frontend_kwargs["middleware"]["action"] = "append"
+        return frontend_kwargs
+'''
+
+
+def test_generator_records_how_argparse_reads_each_flag(tmp_path):
+    script = load_script()
+    wheel = tmp_path / "aphrodite_engine-9.9.9-cp38-abi3-manylinux_2_34_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("aphrodite/engine/arg_utils.py", KINDS_ARG_UTILS)
+        archive.writestr("aphrodite/entrypoints/launchers/cli_args.py", KINDS_CLI_ARGS)
+        archive.writestr("aphrodite/transformers_utils/chat_templates/template_x.jinja", "{{ x }}")
+        archive.writestr("aphrodite/transformers_utils/chat_templates/registry.py", "")
+    kinds, aliases = script.flag_table_from_wheel(wheel)
+    assert kinds == {
+        "--enable-prefix-caching": "bool", "--hf-token": "optional", "--served-model-name": "list",
+        "--compilation-config": "json", "--override-generation-config": "json", "--quantization-config": "json",
+        "--kv-cache-dtype": "value", "--max-num-seqs": "value", "--disable-log-stats": "flag", "--enable-lora": "bool",
+        "--api-server-count": "value", "--lora-modules": "list", "--default-chat-template-kwargs": "json",
+        "--middleware": "append", "--allowed-origins": "json",
+    }
+    assert aliases == {"-cc": "--compilation-config", "-asc": "--api-server-count"}
+    output = tmp_path / "_flags.py"
+    assert script.main(["--wheel", str(wheel), "--output", str(output)]) == 0
+    generated = runpy.run_path(str(output))
+    assert generated["APHRODITE_FLAG_KINDS"] == kinds
+    assert generated["APHRODITE_FLAG_ALIASES"] == aliases
+    assert generated["APHRODITE_CHAT_TEMPLATES"] == {"template_x.jinja"}
+
+
+@pytest.mark.parametrize(
+    ("flag", "kind"),
+    [
+        ("--enable-prefix-caching", "bool"), ("--trust-remote-code", "bool"), ("--enforce-eager", "bool"),
+        ("--enable-auto-tool-choice", "bool"), ("--disable-log-stats", "flag"), ("--headless", "flag"),
+        ("--max-num-seqs", "value"), ("--chat-template", "value"), ("--tool-call-parser", "value"),
+        ("--otlp-traces-endpoint", "value"), ("--lora-modules", "list"), ("--served-model-name", "list"),
+        ("--compilation-config", "json"), ("--speculative-config", "json"), ("--middleware", "append"),
+        ("--hf-token", "optional"),
+    ],
+)
+def test_kinds_of_the_pinned_release(flag, kind):
+    assert _engine_flags.APHRODITE_FLAG_KINDS[flag] == kind
+
+
+def test_the_shipped_chat_templates_are_listed():
+    assert "template_chatml.jinja" in _engine_flags.APHRODITE_CHAT_TEMPLATES
+    assert all(name.endswith(".jinja") and "/" not in name for name in _engine_flags.APHRODITE_CHAT_TEMPLATES)
+
+
+def test_every_long_flag_has_a_kind_and_every_alias_a_long_flag():
+    longs = {f for f in _engine_flags.APHRODITE_FLAGS if f.startswith("--")}
+    assert set(_engine_flags.APHRODITE_FLAG_KINDS) == longs
+    assert set(_engine_flags.APHRODITE_FLAG_ALIASES) == _engine_flags.APHRODITE_FLAGS - longs
+    assert set(_engine_flags.APHRODITE_FLAG_ALIASES.values()) <= longs
+    assert _engine_flags.APHRODITE_FLAG_ALIASES["-tp"] == "--tensor-parallel-size"

@@ -256,6 +256,37 @@ def test_argv_carries_the_layout_and_never_a_secret():
     assert "sk-secret" not in " ".join(argv)
 
 
+def test_user_flags_follow_the_planned_ones_on_every_node():
+    result = plan({"gpu1": H100X8, "gpu2": H100X8},
+                  model("llama-3.1-405b-instruct", engine_args={"enable-prefix-caching": True, "max-num-seqs": 64}))
+    head = list(replicas_of(result)[0].argv)
+    assert head[-9:] == ["--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.1", "--master-port", "29501",
+                         "--enable-prefix-caching"]
+    assert head.index("--max-num-seqs") < head.index("--port") < head.index("--enable-prefix-caching")
+    worker = node_argv(head, 1)
+    assert worker[worker.index("--node-rank") + 1] == "1" and worker[-2:] == ["--enable-prefix-caching", "--headless"]
+
+
+@pytest.mark.parametrize(
+    ("engine_args", "problem"),
+    [
+        (("--not-a-flag",), "--not-a-flag"),
+        (("--api-key", "k"), "--api-key"),
+        (("--port", "1"), "--port"),  # the planner renders --port already: a flag must appear once
+    ],
+)
+def test_build_argv_refuses_what_input_checks_should_have_caught(engine_args, problem):
+    from dataclasses import replace
+
+    from ansible_collections.aphrodite.baremetal.plugins.module_utils._plan_input import model_request
+    from ansible_collections.aphrodite.baremetal.plugins.module_utils._planner import build_argv
+    from ansible_collections.aphrodite.baremetal.plugins.module_utils._fleet import from_declared
+
+    req = replace(model_request(model("llama-3.1-8b-instruct"), {"gpu_nodes": ["gpu1"]}, None), engine_args=engine_args)
+    with pytest.raises(AssertionError, match=problem):
+        build_argv(req, 1, 1, 8192, 2242, from_declared("gpu1", H100X8, "10.0.0.1"))
+
+
 def test_checkpoint_format_is_left_to_the_engine_and_load_time_fp8_is_passed():
     awq = plan({"gpu1": H100X8}, model("llama-3.1-70b-instruct-awq-int4", quantization="awq", replicas=1))
     assert "--quantization" not in replicas_of(awq)[0].argv  # the engine picks awq_marlin itself
@@ -365,7 +396,21 @@ def test_multi_node_replicas_need_identical_nodes():
         ({**model("llama-3.1-8b-instruct"), "max_model_len": "long"}, "max_model_len of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models must be an integer"),
         ({**model("llama-3.1-8b-instruct"), "gpu_memory_utilization": 1.5}, "gpu_memory_utilization 1.5"),
         ({**model("llama-3.1-8b-instruct"), "objective": "cheap"}, "objective 'cheap'"),
-        ({**model("llama-3.1-8b-instruct"), "replicas": 0}, "replicas 0 of meta-llama/Llama-3.1-8B-Instruct must be at least 1"),
+        ({**model("llama-3.1-8b-instruct"), "replicas": 0},
+         "replicas of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models is 0; it must be a positive integer"),
+        ({**model("llama-3.1-8b-instruct"), "max_model_len": -5},
+         "max_model_len of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models is -5; it must be a positive integer"),
+        ({**model("llama-3.1-8b-instruct"), "max_model_len": 0}, "max_model_len of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models is 0"),
+        ({**model("llama-3.1-8b-instruct"), "tensor_parallel_size": 0}, "tensor_parallel_size of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models is 0"),
+        ({**model("llama-3.1-8b-instruct"), "tensor_parallel_size": -2}, "is -2; it must be a positive integer"),
+        ({**model("llama-3.1-8b-instruct"), "replicas": "-1"}, "replicas of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models is '-1'"),
+        ({**model("llama-3.1-8b-instruct"), "replicas": True}, "replicas of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models must be an integer"),
+        ({**model("llama-3.1-8b-instruct"), "max_model_len": 1.5}, "must be an integer, got 1.5"),
+        ({**model("llama-3.1-8b-instruct"), "gpu_memory_utilization": True},
+         "gpu_memory_utilization of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models must be a number"),
+        ({**model("llama-3.1-8b-instruct"), "served_model_name": ["a", "b"]},
+         "served_model_name of meta-llama/Llama-3.1-8B-Instruct in aphrodite_models must be one name"),
+        ({**model("llama-3.1-8b-instruct"), "engine_args": {"port": 1}}, "sets --port, which the plan owns"),
         ({"id": "m/x", "config": "models/x/config.json"}, "relative to the inventory directory, which was not given"),
     ],
 )
