@@ -10,7 +10,10 @@ The inventory contract (issue 3):
   inventory directory, or the parsed config itself), and optionally ``quantization``,
   ``max_model_len``, ``gpu_memory_utilization``, ``tensor_parallel_size``, ``hosts``
   (a group or a list of hosts; default ``gpu_nodes``), ``replicas``, ``objective``,
-  ``kv_cache_dtype``, ``served_model_name``, ``name``, ``enforce_eager``.
+  ``kv_cache_dtype``, ``served_model_name``, ``name``, ``enforce_eager``, and for the
+  capacity model ``typical_sequence_tokens`` (prompt plus output of a typical request,
+  default 2048) and ``min_concurrency`` (sequences a replica of the ``latency`` objective
+  still runs at once, default 16).
 
 Pure Python: no Ansible imports.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from ._capacity import DEFAULT_MIN_CONCURRENCY, DEFAULT_TYPICAL_SEQUENCE_TOKENS
 from ._fleet import FactsError, host_gpus
 from ._model_spec import ModelSpecError, apply_quantization_override, load_model_spec, parse_config
 from ._planner import (
@@ -35,7 +39,7 @@ DEFAULT_HOSTS_GROUP = "gpu_nodes"
 MODEL_KEYS = frozenset((
     "id", "config", "quantization", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
     "hosts", "replicas", "objective", "kv_cache_dtype", "served_model_name", "name", "enforce_eager",
-    "source", "revision",
+    "source", "revision", "typical_sequence_tokens", "min_concurrency",
 ))
 
 
@@ -148,6 +152,8 @@ def model_request(entry: Mapping[str, Any], groups: Mapping[str, Any], inventory
         served_model_name=entry.get("served_model_name") or None,
         name=entry.get("name") or None,
         enforce_eager=_bool(entry.get("enforce_eager", False)),
+        typical_sequence_tokens=_number(entry, "typical_sequence_tokens", model_id, int, DEFAULT_TYPICAL_SEQUENCE_TOKENS),
+        min_concurrency=_number(entry, "min_concurrency", model_id, int, DEFAULT_MIN_CONCURRENCY),
     )
 
 
