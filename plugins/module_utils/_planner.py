@@ -586,13 +586,13 @@ class _ModelPlanner:
         """The objective's pick among ``layouts``; ``hosts_of(layout)``: hosts that can run it (multi-node)."""
         if not layouts:
             return None
-        ordered = sorted(layouts, key=lambda l: (l.shape.tp * l.shape.nodes, l.shape.nodes))
+        ordered = sorted(layouts, key=lambda c: (c.shape.tp * c.shape.nodes, c.shape.nodes))
         if self.req.objective == "latency":
             floor = self.req.min_concurrency
-            eligible = [l for l in ordered if l.estimate.concurrency >= floor]
+            eligible = [c for c in ordered if c.estimate.concurrency >= floor]
             if not eligible:  # none keeps min_concurrency running: those that come closest
-                most = max(l.estimate.concurrency for l in ordered)
-                eligible = [l for l in ordered if l.estimate.concurrency == most]
+                most = max(c.estimate.concurrency for c in ordered)
+                eligible = [c for c in ordered if c.estimate.concurrency == most]
 
             def value(layout: Layout) -> float:
                 return 1.0 / layout.light.step_seconds
@@ -625,7 +625,7 @@ class _ModelPlanner:
                     members_of[id(layout)] = members
                     candidates.append(layout)
         allowed = [c for c in candidates if self.gpu_cap is None or c.shape.tp * c.shape.nodes <= self.gpu_cap]
-        best = self._choose(allowed, lambda l: len(members_of[id(l)]))
+        best = self._choose(allowed, lambda c: len(members_of[id(c)]))
         if best is None:
             raise PlanError(self._does_not_fit_message())
         if not self.multi_layouts:
