@@ -627,8 +627,8 @@ def _ranges(indices: list[int]) -> str:
 
 
 def render_table(plan: Plan, inventory: Path, gathered_hosts: list[str]) -> str:
-    """The plan as a table a person reads: one line per replica, then idle GPUs."""
-    header = ("REPLICA", "MODEL", "TP", "PP", "GPUS", "PORT", "WEIGHTS/GPU", "KV TOKENS")
+    """The plan as a table a person reads: one line per replica, idle GPUs, then why each layout."""
+    header = ("REPLICA", "MODEL", "TP", "PP", "GPUS", "PORT", "WEIGHTS/GPU", "KV TOKENS", "SEQS", "DECODE TOK/S")
     rows = [header]
     for model, replicas in plan.deployments:
         for replica in replicas:
@@ -636,9 +636,10 @@ def render_table(plan: Plan, inventory: Path, gathered_hosts: list[str]) -> str:
             rows.append((
                 replica.name, model, str(replica.tensor_parallel_size), str(replica.pipeline_parallel_size),
                 gpus, str(replica.port), f"{replica.weights_gib_per_gpu:.2f} GiB", f"{replica.kv_cache_tokens:,}",
+                f"{replica.est_concurrency:,}", f"~{replica.est_decode_tokens_per_s:,.0f}",
             ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    numeric = {2, 3, 5, 6, 7}
+    numeric = {2, 3, 5, 6, 7, 8, 9}
     lines = [f"Plan for {inventory}"]
     if gathered_hosts:
         lines.append(f"GPU facts gathered for {', '.join(gathered_hosts)}; declared facts for the other hosts")
@@ -650,12 +651,38 @@ def render_table(plan: Plan, inventory: Path, gathered_hosts: list[str]) -> str:
                  for i, cell in enumerate(row)]
         lines.append("  ".join(cells).rstrip())
     idle = "; ".join(f"{host}: {_ranges(gpus) or 'none'}" for host, gpus in plan.idle_gpus.items())
-    lines += ["", f"Idle GPUs: {idle or 'none'}", "", "Engine arguments of each model's first replica (head node):"]
+    lines += ["", f"Idle GPUs: {idle or 'none'}"]
+    lines += _layout_lines(plan)
+    lines += ["", "Engine arguments of each model's first replica (head node):"]
     for model, replicas in plan.deployments:
         if replicas:
             lines.append(f"  {replicas[0].name}: aphrodite run {' '.join(replicas[0].argv)}")
     return "\n".join(lines) + "\n"
 
+
+def _layout_lines(plan: Plan) -> list[str]:
+    """Per model, the layouts its objective compared, chosen first (SEQS and tok/s are estimates)."""
+    lines: list[str] = []
+    for (model, _replicas), comparison in zip(plan.deployments, plan.comparisons):
+        layouts = sorted(comparison.get("layouts", []), key=lambda entry: not entry["chosen"])
+        if not layouts:
+            continue
+        objective = comparison.get("objective", "throughput")
+        key = "tokens/s per host" if objective == "throughput" else "inter-token latency at min_concurrency"
+        lines += ["", f"Layouts compared for {model} (objective {objective}: {key}):"]
+        for entry in layouts:
+            shape = f"TP {entry['tensor_parallel_size']}"
+            if "nodes" in entry:
+                shape += f" × PP {entry['pipeline_parallel_size']} over {entry['nodes']} nodes"
+            else:
+                shape += f", {entry['replicas_per_host']} per host"
+            lines.append(
+                f"  {'*' if entry['chosen'] else ' '} {shape} on {entry['gpu']}: {entry['kv_cache_tokens']:,} KV tokens, "
+                f"{entry['est_concurrency']:,} seqs, ~{entry['est_decode_tokens_per_s']:,} tok/s per replica, "
+                f"~{entry['est_tokens_per_s_per_host']:,} per host, {entry['est_inter_token_ms']} ms/token "
+                f"({entry['est_inter_token_ms_at_min_concurrency']} at min_concurrency)"
+            )
+    return lines
 
 if __name__ == "__main__":
     sys.exit(main())

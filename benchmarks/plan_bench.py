@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/plan_bench.py [--nodes 1000] [--repeat 5]
 
-Plans three models (Llama-3.1-70B at TP 2, Llama-3.1-8B at TP 1, Llama-3.1-405B FP8 at
+Plans three models (Llama-3.1-70B at TP 4 (the capacity model's pick), Llama-3.1-8B at TP 1, Llama-3.1-405B FP8 at
 TP 8 with a fixed count) over declared 8×H100 nodes, through the same entry point as the
 filter plugin and the CLI, and prints the best of a few runs. Not a unit test: timings
 depend on the machine.

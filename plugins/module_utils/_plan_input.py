@@ -10,9 +10,11 @@ The inventory contract (issue 3):
   inventory directory, or the parsed config itself), and optionally ``quantization``,
   ``max_model_len``, ``gpu_memory_utilization``, ``tensor_parallel_size``, ``hosts``
   (a group or a list of hosts; default ``gpu_nodes``), ``replicas``, ``objective``,
-  ``kv_cache_dtype``, ``served_model_name``, ``name``, ``enforce_eager`` and ``engine_args``
-  (engine flags of the user's choosing, :mod:`._engine_args`), overlaid per flag on the
-  fleet-wide ``aphrodite_engine_args``.
+  ``kv_cache_dtype``, ``served_model_name``, ``name``, ``enforce_eager``, ``engine_args``
+  (engine flags of the user's choosing, :mod:`._engine_args`, overlaid per flag on the
+  fleet-wide ``aphrodite_engine_args``), and for the capacity model ``typical_sequence_tokens`` (prompt plus output of a typical request,
+  default 2048) and ``min_concurrency`` (sequences a replica of the ``latency`` objective
+  still runs at once, default 16).
 
 Pure Python: no Ansible imports.
 """
@@ -23,6 +25,7 @@ import os
 from typing import Any, Mapping
 
 from ._engine_args import EngineArgsError, resolve as resolve_engine_args
+from ._capacity import DEFAULT_MIN_CONCURRENCY, DEFAULT_TYPICAL_SEQUENCE_TOKENS
 from ._fleet import FactsError, host_gpus
 from ._model_spec import ModelSpecError, apply_quantization_override, load_model_spec, parse_config
 from ._planner import (
@@ -39,7 +42,7 @@ DEFAULT_HOSTS_GROUP = "gpu_nodes"
 MODEL_KEYS = frozenset((
     "id", "config", "quantization", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
     "hosts", "replicas", "objective", "kv_cache_dtype", "served_model_name", "name", "enforce_eager",
-    "source", "revision", "engine_args",
+    "source", "revision", "engine_args", "typical_sequence_tokens", "min_concurrency",
 ))
 # Integer keys that must be 1 or more.
 POSITIVE_KEYS = ("max_model_len", "tensor_parallel_size", "replicas")
@@ -184,6 +187,8 @@ def model_request(entry: Mapping[str, Any], groups: Mapping[str, Any], inventory
         max_num_seqs=from_args.get("max_num_seqs"),
         engine_args=resolved.argv,
         engine_files=resolved.files,
+        typical_sequence_tokens=_number(entry, "typical_sequence_tokens", model_id, int, DEFAULT_TYPICAL_SEQUENCE_TOKENS),
+        min_concurrency=_number(entry, "min_concurrency", model_id, int, DEFAULT_MIN_CONCURRENCY),
     )
 
 

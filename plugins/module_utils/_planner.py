@@ -14,8 +14,14 @@ engine (``engine.md``):
   across identical nodes (node rank 0 is the head).
 - A replica holds its weights plus one ``max_model_len`` sequence of KV cache within
   ``gpu_memory_utilization`` minus runtime overhead on every GPU.
-- ``throughput`` (default) picks the fewest GPUs per replica and as many replicas as fit;
-  ``latency`` picks the largest valid TP inside an NVLink group.
+- Among the layouts that fit (every valid TP on one host; TP × nodes when a model needs
+  several), the capacity model (:mod:`._capacity`) estimates each one's concurrency and
+  decode tokens/s. ``throughput`` (default) picks the most estimated tokens/s per host;
+  ``latency`` the lowest inter-token latency among layouts that keep ``min_concurrency``
+  sequences running. A larger layout must win by more than ``LAYOUT_MARGIN`` over a smaller
+  one, since more, smaller replicas survive a GPU failure better and the estimate is rough.
+  An explicit ``tensor_parallel_size`` is used as given; the plan still lists the layouts
+  it was compared with.
 - No GPU is used twice; idle GPUs are reported; ports are distinct per host from 2242.
 
 Infeasible input raises :class:`PlanError` with one paragraph naming the constraint,
@@ -32,6 +38,15 @@ from typing import Any
 
 from ._engine_args import is_rendered_flag
 from ._engine_flags import APHRODITE_FLAG_KINDS
+from ._capacity import (
+    DEFAULT_MIN_CONCURRENCY,
+    DEFAULT_TYPICAL_SEQUENCE_TOKENS,
+    DecodeEstimate,
+    engine_default_max_num_seqs,
+    estimate_decode,
+    gpu_figures,
+    sustained_concurrency,
+)
 from ._fleet import MIB, HostGpus
 from ._model_spec import (
     GIB,
@@ -56,6 +71,8 @@ RUNTIME_OVERHEAD_BYTES = int(1.5 * GIB)
 CUDA_GRAPH_BYTES = int(0.5 * GIB)
 KV_BLOCK_TOKENS = 16
 OBJECTIVES = ("throughput", "latency")
+# A layout with more GPUs per replica must beat a smaller one by this fraction to be chosen.
+LAYOUT_MARGIN = 0.05
 # Pipeline parallelism over more nodes than this is not suggested as a remedy.
 MAX_SUGGESTED_NODES = 8
 SECRET_FLAGS = frozenset(("--api-key", "--hf-token", "--ssl-keyfile"))
@@ -88,6 +105,8 @@ class ModelRequest:
     max_num_seqs: int | None = None  # --max-num-seqs; None: the engine's default for the GPU
     engine_args: tuple = ()  # the user's flags (engine_args), rendered and checked by _engine_args
     engine_files: tuple = ()  # _engine_args.EngineFile, ...: controller files those flags name
+    typical_sequence_tokens: int = DEFAULT_TYPICAL_SEQUENCE_TOKENS  # prompt + output of a typical request
+    min_concurrency: int = DEFAULT_MIN_CONCURRENCY  # latency objective: sequences a replica must still run
 
 
 @dataclass(frozen=True)
@@ -102,6 +121,9 @@ class Replica:
     kv_cache_tokens: int
     argv: tuple
     files: tuple = ()  # _engine_args.EngineFile, ... staged on every node of the replica
+    max_num_seqs: int = 0  # effective --max-num-seqs (the inventory's or the engine's default)
+    est_concurrency: int = 0  # sequences it runs at once (capacity model)
+    est_decode_tokens_per_s: float = 0.0  # estimated decode tokens/s of the whole replica
 
     @property
     def head(self) -> str:
@@ -119,6 +141,9 @@ class Replica:
             "kv_cache_tokens": self.kv_cache_tokens,
             "argv": list(self.argv),
             **({"files": [f.to_dict() for f in self.files]} if self.files else {}),
+            "max_num_seqs": self.max_num_seqs,
+            "est_concurrency": self.est_concurrency,
+            "est_decode_tokens_per_s": round(self.est_decode_tokens_per_s),
         }
 
 
@@ -127,13 +152,19 @@ class Plan:
     deployments: list  # [(model id, [Replica, ...]), ...] in inventory order
     idle_gpus: dict  # host -> [gpu index, ...]
     notes: list = field(default_factory=list)  # warnings that do not stop the plan
+    # Per deployment (same order): {"objective": ..., "layouts": [layout dict, ...]} (see Layout.to_dict).
+    comparisons: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The JSON contract of ``aphrodite-deploy plan --json``."""
+        deployments = []
+        for number, (model, replicas) in enumerate(self.deployments):
+            entry = {"model": model, "replicas": [r.to_dict() for r in replicas]}
+            if number < len(self.comparisons):
+                entry.update(self.comparisons[number])
+            deployments.append(entry)
         return {
-            "deployments": [
-                {"model": model, "replicas": [r.to_dict() for r in replicas]} for model, replicas in self.deployments
-            ],
+            "deployments": deployments,
             "idle_gpus": {host: list(gpus) for host, gpus in self.idle_gpus.items()},
         }
 
@@ -280,6 +311,52 @@ class _Shape:
     nodes: int  # pp across this many identical nodes (1: single node)
     kv_tokens: int
     weights_per_gpu: int
+    max_num_seqs: int = 0  # effective, once estimated
+    estimate: DecodeEstimate | None = None  # at the concurrency it sustains
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One layout the objective compared, with the capacity model's estimates."""
+
+    gpu: str
+    shape: _Shape
+    slots_per_host: int  # blocks of tp GPUs one host offers
+    light: DecodeEstimate  # at min(min_concurrency, concurrency): the latency objective's view
+    chosen: bool = False
+
+    @property
+    def estimate(self) -> DecodeEstimate:
+        return self.shape.estimate
+
+    @property
+    def tokens_per_s_per_host(self) -> float:
+        """Decode tokens/s a full host yields with this layout (a multi-node replica counts 1/nodes per host)."""
+        return self.estimate.tokens_per_s * self.slots_per_host / self.shape.nodes
+
+    def to_dict(self) -> dict:
+        shape, est = self.shape, self.estimate
+        entry = {
+            "tensor_parallel_size": shape.tp,
+            "pipeline_parallel_size": shape.pp,
+        }
+        if shape.nodes > 1:
+            entry["nodes"] = shape.nodes
+        else:
+            entry["replicas_per_host"] = self.slots_per_host
+        entry.update({
+            "gpu": self.gpu,
+            "kv_cache_tokens": shape.kv_tokens,
+            "max_num_seqs": shape.max_num_seqs,
+            "est_concurrency": est.concurrency,
+            "est_decode_tokens_per_s": round(est.tokens_per_s),
+            "est_tokens_per_s_per_gpu": round(est.tokens_per_s_per_gpu),
+            "est_tokens_per_s_per_host": round(self.tokens_per_s_per_host),
+            "est_inter_token_ms": round(est.step_seconds * 1000, 1),
+            "est_inter_token_ms_at_min_concurrency": round(self.light.step_seconds * 1000, 1),
+            "chosen": self.chosen,
+        })
+        return entry
 
 
 class _State:
@@ -298,6 +375,15 @@ class _State:
             self.free[host][position] = False
         self.free_count[host] -= len(positions)
 
+    def snapshot(self) -> tuple:
+        return ({h: list(v) for h, v in self.free.items()}, dict(self.free_count), {h: set(v) for h, v in self.ports.items()})
+
+    def restore(self, snapshot: tuple) -> None:
+        free, free_count, ports = snapshot
+        self.free = {h: list(v) for h, v in free.items()}
+        self.free_count = dict(free_count)
+        self.ports = {h: set(v) for h, v in ports.items()}
+
     def port(self, hosts: list, start: int) -> int:
         port = start
         while any(port in self.ports[h] for h in hosts):
@@ -305,16 +391,6 @@ class _State:
         for h in hosts:
             self.ports[h].add(port)
         return port
-
-
-def _domain_size(host: HostGpus) -> int:
-    """GPUs one latency-optimised replica may span: an NVLink group, else a NUMA node, else the host."""
-    if host.nvlink_groups:
-        return max(len(g) for g in host.nvlink_groups)
-    numa = [g.numa_node for g in host.gpus]
-    if all(n is not None for n in numa) and numa:
-        return max(numa.count(n) for n in set(numa))
-    return host.count
 
 
 def _find_block(host: HostGpus, free: list, tp: int) -> tuple | None:
@@ -365,13 +441,16 @@ class _ModelPlanner:
         self.replicas: list = []
         self.cursor = 0
         self._single_heap: list | None = None
-        self._shape_cache: dict = {}
+        self._shape_cache: dict = {}  # (memory, tp, pp) -> _Shape
+        self._choice_cache: dict = {}  # the objective's picks, per host kind and GPU cap
+        self.gpu_cap: int | None = None  # at most this many GPUs per replica (None: the objective's choice)
         self._check_inputs()
         self.multi_node = not any(self.single_node_shape(h, free_tp=True) for h in self.hosts)
         if not self.multi_node and not any(self.single_node_shape(h) for h in self.hosts):
             raise PlanError(self._forced_tp_message())
         self.multi_shape: _Shape | None = None
         self.multi_group: list = []
+        self.multi_layouts: list = []
         if self.multi_node:
             self.multi_shape, self.multi_group = self._multi_node_shape()
         else:
@@ -399,6 +478,21 @@ class _ModelPlanner:
             )
         if req.replicas is not None and req.replicas < 1:
             raise PlanError(f"replicas {req.replicas} of {req.model_id} must be at least 1; leave it out for as many as fit")
+        if req.max_num_seqs is not None and req.max_num_seqs < 1:
+            raise PlanError(
+                f"max_num_seqs {req.max_num_seqs} of {req.model_id} must be at least 1; leave it out for the engine's "
+                f"default (1024 on H100/H200, 256 on other GPUs)"
+            )
+        if req.typical_sequence_tokens < 1:
+            raise PlanError(
+                f"typical_sequence_tokens {req.typical_sequence_tokens} of {req.model_id} must be at least 1 "
+                f"(prompt plus output tokens of a typical request; default {DEFAULT_TYPICAL_SEQUENCE_TOKENS})"
+            )
+        if req.min_concurrency < 1:
+            raise PlanError(
+                f"min_concurrency {req.min_concurrency} of {req.model_id} must be at least 1 "
+                f"(sequences a latency-planned replica still runs at once; default {DEFAULT_MIN_CONCURRENCY})"
+            )
         quant = spec.quantization
         if quant is not None and quant.is_float:
             old = [h for h in self.hosts if (h.min_compute_capability() or (9, 0)) < (8, 0)]
@@ -444,28 +538,95 @@ class _ModelPlanner:
         return valid_tensor_parallel_sizes(self.spec, host.count, _marlin(host))
 
     def single_node_shape(self, host: HostGpus, free_tp: bool = False) -> _Shape | None:
-        """The replica shape for one host, or ``None`` when the model does not fit it."""
-        numa = tuple(g.numa_node for g in host.gpus)
-        key = ("single", free_tp, host.signature, host.nvlink_groups, numa, _marlin(host))
-        if key in self._shape_cache:
-            return self._shape_cache[key]
-        fitting = [s for s in (self._fit(host, tp, 1, 1) for tp in self._tp_choices(host, free_tp)) if s]
-        shape = None
-        if fitting:
-            shape = fitting[0]
-            if self.req.objective == "latency" and (self.req.tensor_parallel_size is None or free_tp):
-                inside = [s for s in fitting if s.tp <= _domain_size(host)]
-                if inside:
-                    shape = inside[-1]
-        self._shape_cache[key] = shape
+        """The replica shape for one host, or ``None`` when the model does not fit it.
+
+        ``free_tp`` only asks whether the model fits at all: the fewest GPUs that hold it,
+        whatever ``tensor_parallel_size`` says.
+        """
+        key = ("single", free_tp, self.gpu_cap, host.signature, host.nvlink_groups, _marlin(host))
+        if key in self._choice_cache:
+            return self._choice_cache[key]
+        if free_tp:
+            fitting = [s for s in (self._fit(host, tp, 1, 1) for tp in self._tp_choices(host, True)) if s]
+            shape = fitting[0] if fitting else None
+        else:
+            chosen = [layout for layout in self.layouts(host, self.gpu_cap) if layout.chosen]
+            shape = chosen[0].shape if chosen else None
+        self._choice_cache[key] = shape
         return shape
 
+    def layouts(self, host: HostGpus, cap: int | None = None) -> list:
+        """Every single-host layout the model fits on ``host``, estimated; the objective's pick is ``chosen``.
+
+        ``cap`` limits the pick to at most that many GPUs per replica (see :meth:`shrink`).
+        With a forced ``tensor_parallel_size`` the forced layout is the chosen one (when it
+        fits) and the others are listed for comparison.
+        """
+        key = ("layouts", cap, host.signature, host.nvlink_groups, _marlin(host))
+        if key in self._choice_cache:
+            return self._choice_cache[key]
+        candidates = []
+        for tp in self._tp_choices(host, free_tp=True):
+            shape = self._fit(host, tp, 1, 1)
+            if shape is not None:
+                candidates.append(self._layout(host, shape))
+        forced = self.req.tensor_parallel_size
+        if forced is not None:
+            pick = next((c for c in candidates if c.shape.tp == forced), None)
+        else:
+            pick = self._choose([c for c in candidates if cap is None or c.shape.tp <= cap])
+        result = [replace(c, chosen=c is pick) for c in candidates]
+        self._choice_cache[key] = result
+        return result
+
+    def _layout(self, host: HostGpus, shape: _Shape) -> Layout:
+        """``shape`` on ``host`` with the capacity model's estimates."""
+        req = self.req
+        figures, note = gpu_figures(host.gpu_name, host.memory_mib)
+        if note and note not in self.notes:
+            self.notes.append(note)
+        max_num_seqs = req.max_num_seqs or engine_default_max_num_seqs(host.gpu_name, host.memory_mib)
+        sequence = min(req.typical_sequence_tokens, self.max_model_len)
+        concurrency = sustained_concurrency(shape.kv_tokens, max_num_seqs, sequence)
+        nvlink = shape.tp > 1 and any(len(group) >= shape.tp for group in host.nvlink_groups)
+        full = estimate_decode(self.spec, figures, shape.tp, shape.pp, concurrency, sequence, req.kv_cache_dtype, nvlink)
+        light = estimate_decode(self.spec, figures, shape.tp, shape.pp, min(concurrency, req.min_concurrency), sequence,
+                                req.kv_cache_dtype, nvlink)
+        estimated = replace(shape, max_num_seqs=max_num_seqs, estimate=full)
+        return Layout(host.gpu_name, estimated, host.count // shape.tp, light)
+
+    def _choose(self, layouts: list, hosts_of: Any = None) -> Layout | None:
+        """The objective's pick among ``layouts``; ``hosts_of(layout)``: hosts that can run it (multi-node)."""
+        if not layouts:
+            return None
+        ordered = sorted(layouts, key=lambda c: (c.shape.tp * c.shape.nodes, c.shape.nodes))
+        if self.req.objective == "latency":
+            floor = self.req.min_concurrency
+            eligible = [c for c in ordered if c.estimate.concurrency >= floor]
+            if not eligible:  # none keeps min_concurrency running: those that come closest
+                most = max(c.estimate.concurrency for c in ordered)
+                eligible = [c for c in ordered if c.estimate.concurrency == most]
+
+            def value(layout: Layout) -> float:
+                return 1.0 / layout.light.step_seconds
+        else:
+            eligible = ordered
+
+            def value(layout: Layout) -> float:
+                return layout.tokens_per_s_per_host * (hosts_of(layout) if hosts_of else 1)
+        best = eligible[0]
+        for layout in eligible[1:]:
+            if value(layout) > value(best) * (1 + LAYOUT_MARGIN):
+                best = layout
+        return best
+
     def _multi_node_shape(self) -> tuple:
-        """Smallest (nodes x tp) replica over identical hosts, with the hosts that can run it."""
+        """The objective's (nodes x tp) replica over identical hosts, with the hosts that can run it."""
         groups: dict = {}
         for host in self.hosts:
             groups.setdefault(host.signature, []).append(host)
-        best = None
+        candidates = []
+        members_of: dict = {}
         for members in groups.values():
             sample = members[0]
             for nodes in range(2, min(len(members), self.spec.num_layers) + 1):
@@ -473,12 +634,65 @@ class _ModelPlanner:
                     shape = self._fit(sample, tp, nodes, nodes)
                     if shape is None:
                         continue
-                    rank = (nodes * tp, nodes, -tp) if self.req.objective == "throughput" else (nodes, -tp)
-                    if best is None or rank < best[0]:
-                        best = (rank, shape, members)
+                    layout = self._layout(sample, shape)
+                    members_of[id(layout)] = members
+                    candidates.append(layout)
+        allowed = [c for c in candidates if self.gpu_cap is None or c.shape.tp * c.shape.nodes <= self.gpu_cap]
+        best = self._choose(allowed, lambda c: len(members_of[id(c)]))
         if best is None:
             raise PlanError(self._does_not_fit_message())
-        return best[1], best[2]
+        if not self.multi_layouts:
+            self.multi_layouts = [replace(c, chosen=c is best) for c in candidates]
+        return best.shape, members_of[id(best)]
+
+    def shrink(self) -> bool:
+        """Allow only layouts with fewer GPUs per replica than the current pick; ``False`` when none is left.
+
+        Used when the objective's layout cannot place a model's ``replicas``, and to fill
+        GPUs that its layout leaves over. A forced ``tensor_parallel_size`` never shrinks.
+        """
+        if self.req.tensor_parallel_size is not None:
+            return False
+        if self.multi_node:
+            cap = self.multi_shape.tp * self.multi_shape.nodes - 1
+        else:
+            shapes = [self.single_node_shape(h) for h in self.hosts]
+            cap = max(s.tp for s in shapes if s) - 1
+        if cap < 1:
+            return False
+        previous = (self.gpu_cap, self.multi_shape, self.multi_group)
+        self.gpu_cap = cap
+        if self.multi_node:
+            try:
+                self.multi_shape, self.multi_group = self._multi_node_shape()
+            except PlanError:
+                self.gpu_cap, self.multi_shape, self.multi_group = previous
+                return False
+        elif not any(self.single_node_shape(h) for h in self.hosts):
+            self.gpu_cap = previous[0]
+            return False
+        self._single_heap = None  # hosts skipped for the larger layout may take a smaller one
+        self.cursor = 0
+        return True
+
+    def restart(self) -> None:
+        """Forget the replicas placed so far (the caller restores the free GPUs)."""
+        self.replicas = []
+        self._single_heap = None
+        self.cursor = 0
+
+    def comparison(self) -> dict:
+        """The objective and the layouts it compared, for the plan's JSON and table."""
+        if self.multi_node:
+            layouts = self.multi_layouts
+        else:
+            kinds = []
+            heads = {r.head for r in self.replicas}
+            for host in self.hosts:
+                if (not heads or host.host in heads) and host.signature not in [h.signature for h in kinds]:
+                    kinds.append(host)
+            layouts = [layout for host in kinds for layout in self.layouts(host, None)]
+        return {"objective": self.req.objective, "layouts": [layout.to_dict() for layout in layouts]}
 
     # ---- placing
 
@@ -557,6 +771,9 @@ class _ModelPlanner:
             kv_cache_tokens=shape.kv_tokens,
             argv=argv,
             files=self.req.engine_files,
+            max_num_seqs=shape.max_num_seqs,
+            est_concurrency=shape.estimate.concurrency if shape.estimate else 0,
+            est_decode_tokens_per_s=shape.estimate.tokens_per_s if shape.estimate else 0.0,
         ))
 
     # ---- messages
@@ -719,15 +936,46 @@ def plan_fleet(requests: list, hosts: dict, extra_hosts: tuple = ()) -> Plan:
     placed: dict = {}
     for planner in planners:
         wanted = planner.req.replicas or 1
-        while len(planner.replicas) < wanted and planner.place_one():
-            pass
+        before = state.snapshot() if wanted > 1 else None
+        first_tp = None
+        while True:
+            while len(planner.replicas) < wanted and planner.place_one():
+                pass
+            if first_tp is None and planner.replicas:
+                first_tp = planner.replicas[0].tensor_parallel_size * planner.replicas[0].pipeline_parallel_size
+            # The objective's layout leaves no room for the count asked for: smaller layouts may.
+            if len(planner.replicas) >= wanted or before is None or not planner.shrink():
+                break
+            state.restore(before)
+            planner.restart()
         if len(planner.replicas) < wanted:
             raise PlanError(planner.no_room_message(placed))
+        gpus = planner.replicas[0].tensor_parallel_size * planner.replicas[0].pipeline_parallel_size
+        if first_tp is not None and gpus < first_tp:
+            notes.append(
+                f"{planner.req.model_id}: {wanted} replicas fit only with {_plural(gpus, 'GPU')} each, not the "
+                f"{first_tp} its objective prefers; set fewer replicas to get the better layout"
+            )
         placed[planner.req.model_id] = len(planner.replicas)
 
     fillers = [p for p in planners if p.req.replicas is None]
     while fillers:
         fillers = [p for p in fillers if p.place_one()]
+    # GPUs the chosen layouts leave over take smaller layouts of the same models, in turns.
+    fillers = [p for p in planners if p.req.replicas is None and p.shrink()]
+    while fillers:
+        counts = {id(p): len(p.replicas) for p in fillers}
+        active = [p for p in fillers if p.place_one()]
+        while active:
+            active = [p for p in active if p.place_one()]
+        for p in fillers:
+            if len(p.replicas) > counts[id(p)]:
+                notes.append(
+                    f"{p.req.model_id}: {len(p.replicas) - counts[id(p)]} more replicas with "
+                    f"{_plural(p.replicas[-1].tensor_parallel_size * p.replicas[-1].pipeline_parallel_size, 'GPU')} "
+                    f"each use GPUs its preferred layout left over"
+                )
+        fillers = [p for p in fillers if p.shrink()]
 
     idle: dict = {}
     targeted = []
@@ -737,4 +985,4 @@ def plan_fleet(requests: list, hosts: dict, extra_hosts: tuple = ()) -> Plan:
     for name in targeted:
         host = hosts[name]
         idle[name] = [host.gpus[p].index for p, free in enumerate(state.free[name]) if free]
-    return Plan([(p.req.model_id, p.replicas) for p in planners], idle, notes)
+    return Plan([(p.req.model_id, p.replicas) for p in planners], idle, notes, [p.comparison() for p in planners])

@@ -15,8 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[3]
 MODELS = ROOT / "tests" / "data" / "models"
 H100 = "{count: 8, name: NVIDIA H100 80GB HBM3, memory_mib: 81559, interconnect: nvlink}"
-REPLICA_KEYS = ["argv", "head", "kv_cache_tokens", "name", "pipeline_parallel_size", "placement", "port",
-                "tensor_parallel_size", "weights_gib_per_gpu"]
+REPLICA_KEYS = ["argv", "est_concurrency", "est_decode_tokens_per_s", "head", "kv_cache_tokens", "max_num_seqs", "name",
+                "pipeline_parallel_size", "placement", "port", "tensor_parallel_size", "weights_gib_per_gpu"]
+LAYOUT_KEYS = ["chosen", "est_concurrency", "est_decode_tokens_per_s", "est_inter_token_ms",
+               "est_inter_token_ms_at_min_concurrency", "est_tokens_per_s_per_gpu", "est_tokens_per_s_per_host", "gpu",
+               "kv_cache_tokens", "max_num_seqs", "pipeline_parallel_size", "replicas_per_host", "tensor_parallel_size"]
 
 
 def make_inventory(root: Path, models_yaml: str, *, gpu2: str | None = None) -> Path:
@@ -84,13 +87,19 @@ def test_table_by_default(fleet):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(line for line in lines if line.startswith("REPLICA"))
-    assert header.split() == ["REPLICA", "MODEL", "TP", "PP", "GPUS", "PORT", "WEIGHTS/GPU", "KV", "TOKENS"]
+    assert header.split() == ["REPLICA", "MODEL", "TP", "PP", "GPUS", "PORT", "WEIGHTS/GPU", "KV", "TOKENS", "SEQS",
+                              "DECODE", "TOK/S"]
     rows = [line.split() for line in lines if line.startswith(("llama-3-1-70b-", "llama-3-1-8b-"))]
-    assert [row[0] for row in rows] == ["llama-3-1-70b-0", "llama-3-1-70b-1"] + [f"llama-3-1-8b-{i}" for i in range(8)]
-    assert rows[0][1:6] == ["meta-llama/Llama-3.1-70B-Instruct", "2", "1", "gpu1[0-1]", "2242"]
+    assert [row[0] for row in rows] == ["llama-3-1-70b-0", "llama-3-1-70b-1"] + [f"llama-3-1-8b-{i}" for i in range(4)]
+    assert rows[0][1:6] == ["meta-llama/Llama-3.1-70B-Instruct", "4", "1", "gpu1[0-3]", "2242"]
+    assert rows[0][-2:] == ["245", "~6,701"]  # est. concurrency and decode tokens/s of the replica
     assert rows[-1][4] == "gpu2[3]"  # host_vars/gpu2.yml declares 4 GPUs
     assert "Idle GPUs: gpu1: none; gpu2: none" in lines
-    assert "aphrodite run --model meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size 2" in result.stdout
+    assert "aphrodite run --model meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size 4" in result.stdout
+    # Why TP 4: the compared layouts, the chosen one first and starred.
+    compared = lines[lines.index("Layouts compared for meta-llama/Llama-3.1-70B-Instruct (objective throughput: tokens/s per host):") + 1:][:3]
+    assert [line.split(",")[0].strip() for line in compared] == ["* TP 4", "TP 2", "TP 8"]
+    assert "36,480 KV tokens, 17 seqs" in compared[1]
     assert result.stderr == ""
 
 
@@ -99,11 +108,17 @@ def test_json_is_exactly_the_contract(fleet):
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert sorted(plan) == ["deployments", "idle_gpus"]
-    assert [sorted(d) for d in plan["deployments"]] == [["model", "replicas"]] * 2
+    assert [sorted(d) for d in plan["deployments"]] == [["layouts", "model", "objective", "replicas"]] * 2
+    assert [d["objective"] for d in plan["deployments"]] == ["throughput"] * 2
+    layouts = plan["deployments"][0]["layouts"]
+    assert all(sorted(layout) == LAYOUT_KEYS for layout in layouts)
+    assert [(layout["tensor_parallel_size"], layout["chosen"]) for layout in layouts] == [(2, False), (4, True), (8, False)]
     first = plan["deployments"][0]["replicas"][0]
     assert sorted(first) == REPLICA_KEYS
     assert first["name"] == "llama-3-1-70b-0" and first["head"] == "gpu1"
-    assert first["placement"] == {"gpu1": [0, 1]} and first["port"] == 2242
+    assert first["placement"] == {"gpu1": [0, 1, 2, 3]} and first["port"] == 2242
+    assert (first["max_num_seqs"], first["est_concurrency"]) == (1024, 245)
+    assert first["est_decode_tokens_per_s"] > 0
     assert first["argv"][:2] == ["--model", "meta-llama/Llama-3.1-70B-Instruct"]
     assert plan["idle_gpus"] == {"gpu1": [], "gpu2": []}
     for deployment in plan["deployments"]:

@@ -42,9 +42,12 @@ def test_plan_fleet_returns_the_json_contract():
     assert sorted(result) == ["deployments", "idle_gpus"]
     assert [d["model"] for d in result["deployments"]] == ["meta-llama/Llama-3.1-70B-Instruct"]
     replicas = result["deployments"][0]["replicas"]
-    assert [r["name"] for r in replicas] == [f"llama-3-1-70b-{i}" for i in range(8)]
+    assert [r["name"] for r in replicas] == [f"llama-3-1-70b-{i}" for i in range(4)]  # TP 4, two per host
     assert sorted(replicas[0]) == sorted(["name", "tensor_parallel_size", "pipeline_parallel_size", "head", "placement",
-                                          "port", "weights_gib_per_gpu", "kv_cache_tokens", "argv"])
+                                          "port", "weights_gib_per_gpu", "kv_cache_tokens", "argv", "max_num_seqs",
+                                          "est_concurrency", "est_decode_tokens_per_s"])
+    assert result["deployments"][0]["objective"] == "throughput"
+    assert [layout["chosen"] for layout in result["deployments"][0]["layouts"]].count(True) == 1
     assert result["idle_gpus"] == {"gpu1": [], "gpu2": []}
     json.dumps(result)  # plain data, ready for set_fact and templates
 

@@ -44,8 +44,9 @@ GOLDEN = [
     ("1xRTX3090", "llama-3.1-405b-instruct-fp8", (NO, ["in FP8 needs 382 GiB of weights", "use GPUs with more memory"])),
     ("1xRTX3090", "llama-3.1-405b-instruct", (NO, ["in bf16 needs 756 GiB of weights", "use GPUs with more memory"])),
     ("1xRTX3090", "mixtral-8x7b-instruct-v0.1", (NO, ["needs 87.0 GiB of weights", "add 4 more nodes"])),
-    ("2xRTX4090", "llama-3.1-8b-instruct", (OK, 1, 1, 2, {"gpu1": [0]}, {"gpu1": []})),
-    ("2xRTX4090", "qwen2.5-7b-instruct", (OK, 1, 1, 2, {"gpu1": [0]}, {"gpu1": []})),
+    # Five times the KV cache of TP 1 (24 GB cards) outweighs the all-reduce over PCIe.
+    ("2xRTX4090", "llama-3.1-8b-instruct", (OK, 2, 1, 1, {"gpu1": [0, 1]}, {"gpu1": []})),
+    ("2xRTX4090", "qwen2.5-7b-instruct", (OK, 2, 1, 1, {"gpu1": [0, 1]}, {"gpu1": []})),
     ("2xRTX4090", "llama-3.1-70b-instruct", (NO, ["needs 131 GiB of weights", "1 host × 2 × 24.0 GiB × 0.92 = 44.1 GiB"])),
     ("2xRTX4090", "llama-3.1-70b-instruct-awq-int4", (NO, [
         "needs 37.0 GiB of weights plus 10.0 GiB of KV cache for one 32768-token sequence (max_model_len)",
@@ -55,7 +56,7 @@ GOLDEN = [
     ("2xRTX4090", "mixtral-8x7b-instruct-v0.1", (NO, ["needs 87.0 GiB of weights", "use a 4-bit AWQ checkpoint (23.0 GiB of weights)"])),
     ("4xA100-80GB", "llama-3.1-8b-instruct", (OK, 1, 1, 4, {"gpu1": [0]}, {"gpu1": []})),
     ("4xA100-80GB", "qwen2.5-7b-instruct", (OK, 1, 1, 4, {"gpu1": [0]}, {"gpu1": []})),
-    ("4xA100-80GB", "llama-3.1-70b-instruct", (OK, 2, 1, 2, {"gpu1": [0, 1]}, {"gpu1": []})),
+    ("4xA100-80GB", "llama-3.1-70b-instruct", (OK, 4, 1, 1, {"gpu1": [0, 1, 2, 3]}, {"gpu1": []})),
     ("4xA100-80GB", "llama-3.1-70b-instruct-awq-int4", (OK, 1, 1, 4, {"gpu1": [0]}, {"gpu1": []})),
     ("4xA100-80GB", "llama-3.1-405b-instruct-fp8", (NO, ["needs 382 GiB of weights", "1 host × 4 × 80.0 GiB × 0.92 = 294 GiB",
                                                          "use a 4-bit AWQ checkpoint (202 GiB of weights), or add 1 more node"])),
@@ -63,22 +64,23 @@ GOLDEN = [
     ("4xA100-80GB", "mixtral-8x7b-instruct-v0.1", (OK, 2, 1, 2, {"gpu1": [0, 1]}, {"gpu1": []})),
     ("8xH100", "llama-3.1-8b-instruct", (OK, 1, 1, 8, {"gpu1": [0]}, {"gpu1": []})),
     ("8xH100", "qwen2.5-7b-instruct", (OK, 1, 1, 8, {"gpu1": [0]}, {"gpu1": []})),
-    ("8xH100", "llama-3.1-70b-instruct", (OK, 2, 1, 4, {"gpu1": [0, 1]}, {"gpu1": []})),
+    # TP 2 holds 4 sequences of 8k per replica; TP 4 hundreds (the capacity model, issue 20).
+    ("8xH100", "llama-3.1-70b-instruct", (OK, 4, 1, 2, {"gpu1": [0, 1, 2, 3]}, {"gpu1": []})),
     ("8xH100", "llama-3.1-70b-instruct-awq-int4", (OK, 1, 1, 8, {"gpu1": [0]}, {"gpu1": []})),
     ("8xH100", "llama-3.1-405b-instruct-fp8", (OK, 8, 1, 1, {"gpu1": list(range(8))}, {"gpu1": []})),
     ("8xH100", "llama-3.1-405b-instruct", (NO, [
         "Llama-3.1-405B-Instruct in bf16 needs 756 GiB of weights; gpu_nodes offers 1 host × 8 × 79.6 GiB × 0.92 = 586 GiB",
         "use FP8 quantization (382 GiB of weights), or add 1 more node like gpu1 (8 × NVIDIA H100 80GB HBM3)"])),
-    ("8xH100", "mixtral-8x7b-instruct-v0.1", (OK, 2, 1, 4, {"gpu1": [0, 1]}, {"gpu1": []})),
+    ("8xH100", "mixtral-8x7b-instruct-v0.1", (OK, 4, 1, 2, {"gpu1": [0, 1, 2, 3]}, {"gpu1": []})),
     ("2x8xH100", "llama-3.1-8b-instruct", (OK, 1, 1, 16, {"gpu1": [0]}, {"gpu1": [], "gpu2": []})),
     ("2x8xH100", "qwen2.5-7b-instruct", (OK, 1, 1, 16, {"gpu1": [0]}, {"gpu1": [], "gpu2": []})),
-    ("2x8xH100", "llama-3.1-70b-instruct", (OK, 2, 1, 8, {"gpu1": [0, 1]}, {"gpu1": [], "gpu2": []})),
+    ("2x8xH100", "llama-3.1-70b-instruct", (OK, 4, 1, 4, {"gpu1": [0, 1, 2, 3]}, {"gpu1": [], "gpu2": []})),
     ("2x8xH100", "llama-3.1-70b-instruct-awq-int4", (OK, 1, 1, 16, {"gpu1": [0]}, {"gpu1": [], "gpu2": []})),
     ("2x8xH100", "llama-3.1-405b-instruct-fp8", (OK, 8, 1, 2, {"gpu1": list(range(8))}, {"gpu1": [], "gpu2": []})),
     # Does not fit one node: pipeline parallel across the two identical nodes, gpu1 is rank 0.
     ("2x8xH100", "llama-3.1-405b-instruct", (OK, 8, 2, 1, {"gpu1": list(range(8)), "gpu2": list(range(8))},
                                              {"gpu1": [], "gpu2": []})),
-    ("2x8xH100", "mixtral-8x7b-instruct-v0.1", (OK, 2, 1, 8, {"gpu1": [0, 1]}, {"gpu1": [], "gpu2": []})),
+    ("2x8xH100", "mixtral-8x7b-instruct-v0.1", (OK, 4, 1, 4, {"gpu1": [0, 1, 2, 3]}, {"gpu1": [], "gpu2": []})),
 ]
 
 
@@ -122,7 +124,10 @@ def test_the_issue_example_shape():
     assert first["argv"][:6] == ["--model", "meta-llama/Llama-3.1-70B-Instruct", "--tensor-parallel-size", "4",
                                  "--pipeline-parallel-size", "1"]
     assert sorted(first) == sorted(["name", "tensor_parallel_size", "pipeline_parallel_size", "head", "placement", "port",
-                                    "weights_gib_per_gpu", "kv_cache_tokens", "argv"])
+                                    "weights_gib_per_gpu", "kv_cache_tokens", "argv", "max_num_seqs", "est_concurrency",
+                                    "est_decode_tokens_per_s"])
+    assert first["max_num_seqs"] == 1024  # the engine's default on an 80 GB H100
+    assert first["est_concurrency"] == min(1024, first["kv_cache_tokens"] // 2048)
 
 
 # --------------------------------------------------------------------------- objective
@@ -161,15 +166,16 @@ def test_default_objective_can_be_set_for_all_models():
 def test_models_without_a_count_share_the_gpus_in_turns():
     result = plan({"gpu1": H100X8}, model("llama-3.1-70b-instruct"), model("llama-3.1-8b-instruct"))
     big, small = replicas_of(result, 0), replicas_of(result, 1)
-    assert [dict(r.placement)["gpu1"] for r in big] == [(0, 1), (4, 5), (6, 7)]
-    assert [dict(r.placement)["gpu1"] for r in small] == [(2,), (3,)]
+    # 70B takes a TP 4 block first; the 8B replicas fill the other half.
+    assert [dict(r.placement)["gpu1"] for r in big] == [(0, 1, 2, 3)]
+    assert [dict(r.placement)["gpu1"] for r in small] == [(4,), (5,), (6,), (7,)]
     assert result.idle_gpus == {"gpu1": []}
 
 
 def test_replica_counts_are_honoured_and_the_rest_is_filled():
     result = plan({"gpu1": H100X8, "gpu2": H100X8}, model("llama-3.1-70b-instruct", replicas=1),
                   model("llama-3.1-8b-instruct", replicas=2), model("qwen2.5-7b-instruct"))
-    assert [len(replicas_of(result, i)) for i in range(3)] == [1, 2, 12]
+    assert [len(replicas_of(result, i)) for i in range(3)] == [1, 2, 10]  # the 70B replica is TP 4
     assert result.idle_gpus == {"gpu1": [], "gpu2": []}
 
 
@@ -197,6 +203,12 @@ def test_a_model_that_finds_no_free_gpu_is_an_error_not_a_silent_omission():
 def test_idle_gpus_when_counts_leave_room():
     result = plan({"gpu1": H100X8}, model("llama-3.1-70b-instruct", replicas=3))
     assert result.idle_gpus == {"gpu1": [6, 7]}
+    # Three replicas fit only at TP 2 (TP 4 gives two): the count wins, and the plan says what it costs.
+    assert [r.tensor_parallel_size for r in replicas_of(result)] == [2, 2, 2]
+    assert any("3 replicas fit only with 2 GPUs each, not the 4 its objective prefers" in n for n in result.notes)
+    result = plan({"gpu1": H100X8}, model("llama-3.1-70b-instruct", replicas=1))
+    assert [r.tensor_parallel_size for r in replicas_of(result)] == [4]
+    assert result.idle_gpus == {"gpu1": [4, 5, 6, 7]}
 
 
 def test_too_many_replicas_names_the_numbers_and_the_fix():
@@ -217,7 +229,7 @@ def test_ports_are_distinct_per_host_from_2242():
     by_host: dict = {}
     for replica in replicas_of(result):
         by_host.setdefault(replica.head, []).append(replica.port)
-    assert by_host == {"gpu1": [2242, 2243, 2244, 2245], "gpu2": [2242, 2243, 2244, 2245]}
+    assert by_host == {"gpu1": [2242, 2243], "gpu2": [2242, 2243]}
     for replica in replicas_of(result):
         assert replica.argv[replica.argv.index("--port") + 1] == str(replica.port)
 
@@ -250,7 +262,7 @@ def test_argv_carries_the_layout_and_never_a_secret():
     argv = list(replicas_of(result)[0].argv)
     assert argv == [
         "--model", "meta-llama/Llama-3.1-70B-Instruct", "--served-model-name", "llama-70b",
-        "--tensor-parallel-size", "2", "--pipeline-parallel-size", "1", "--max-model-len", "8192",
+        "--tensor-parallel-size", "4", "--pipeline-parallel-size", "1", "--max-model-len", "8192",
         "--gpu-memory-utilization", "0.9", "--kv-cache-dtype", "fp8", "--host", "10.1.0.5", "--port", "2242",
     ]
     assert "sk-secret" not in " ".join(argv)
