@@ -142,19 +142,25 @@ def test_multi_node_plan_when_the_model_needs_both_nodes(tmp_path):
     assert replica["argv"][-8:] == ["--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.1", "--master-port", "29501"]
 
 
-def gpu_facts(count: int, source: str = "nvidia-smi") -> dict:
-    return {"aphrodite_gpus": {
+ADDRESSES = {"gpu1": "10.0.0.1", "gpu2": "10.0.0.2"}
+
+
+def gpu_facts(count: int, source: str = "nvidia-smi", *, root: Path, host: str = "gpu1",
+              inventory: Path | None = None, address: str | None = None) -> dict:
+    """A cache entry as the preflight leaves it: gpu_facts' facts and where they were gathered."""
+    origin = {"inventory": str(inventory or root / "inventory" / "hosts.yml"), "address": address or ADDRESSES[host]}
+    return {"aphrodite_gpus_origin": origin, "aphrodite_gpus": {
         "source": source, "count": count, "mig_enabled": False, "nvswitch": False, "nvlink_groups": [list(range(count))],
         "gpus": [{"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559 if source == "nvidia-smi" else None,
                   "numa_node": i // 4, "compute_capability": "9.0" if source == "nvidia-smi" else None} for i in range(count)],
-    }, "ansible_hostname": "gpu1"}
+    }, "ansible_hostname": host}
 
 
 def test_gathered_facts_from_the_fact_cache_win_and_mismatches_are_reported(tmp_path):
     make_inventory(tmp_path, MODELS_70B_AND_8B)
     cache = tmp_path / "facts"
     cache.mkdir()
-    (cache / "gpu1").write_text(json.dumps(gpu_facts(4)))
+    (cache / "gpu1").write_text(json.dumps(gpu_facts(4, root=tmp_path)))
     result = run_cli(tmp_path, "plan", "-i", "inventory", "--json", "--fact-cache", str(cache))
     assert result.returncode == 0, result.stderr
     assert "warning: gpu1: aphrodite_gpus_declared.count is 8, but the host has 4 GPUs" in result.stderr
@@ -171,7 +177,7 @@ def test_fact_cache_defaults_to_ansible_cfg(tmp_path):
     (tmp_path / "ansible.cfg").write_text("[defaults]\nfact_caching = jsonfile\nfact_caching_connection = .ansible/facts\n"
                                           "[inventory]\nignore_patterns = ^models$\n")
     (tmp_path / ".ansible" / "facts").mkdir(parents=True)
-    (tmp_path / ".ansible" / "facts" / "gpu2").write_text(json.dumps(gpu_facts(2)))
+    (tmp_path / ".ansible" / "facts" / "gpu2").write_text(json.dumps(gpu_facts(2, root=tmp_path, host="gpu2")))
     result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
     assert result.returncode == 0, result.stderr
     assert "gpu2: aphrodite_gpus_declared.count is 8, but the host has 2 GPUs" in result.stderr
@@ -185,7 +191,7 @@ def test_lspci_facts_without_a_declaration_are_refused(tmp_path):
     (inventory / "host_vars" / "gpu1.yml").write_text(f"aphrodite_gpus_declared: {H100}\n")
     cache = tmp_path / "facts"
     cache.mkdir()
-    (cache / "gpu2").write_text(json.dumps(gpu_facts(8, source="lspci")))
+    (cache / "gpu2").write_text(json.dumps(gpu_facts(8, source="lspci", root=tmp_path, host="gpu2")))
     result = run_cli(tmp_path, "plan", "-i", "inventory", "--fact-cache", str(cache))
     assert result.returncode == 2
     assert "gpu2: GPU facts come from lspci" in result.stderr
@@ -209,7 +215,8 @@ def test_inventory_without_models_says_where_to_define_them(tmp_path):
     make_inventory(tmp_path, "other: 1\n")
     result = run_cli(tmp_path, "plan", "-i", "inventory")
     assert result.returncode == 1
-    assert "no host of the inventory has aphrodite_models; define the models in group_vars/all" in result.stderr
+    assert ("gpu1 (the first host of gpu_nodes, where the preflight plans) has no aphrodite_models; "
+            "define the models in group_vars/all") in result.stderr
 
 
 def test_plan_is_a_subcommand():
@@ -234,9 +241,9 @@ def test_ansible_2_19_cache_files_with_a_prefix_are_read(tmp_path):
     (tmp_path / "ansible.cfg").write_text("[defaults]\nfact_caching = jsonfile\nfact_caching_connection = cache\n"
                                           "fact_caching_prefix = fleet_\n")
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "fleet_s1_gpu1").write_text(ansible_2_19_cache_entry(gpu_facts(4)))
+    (tmp_path / "cache" / "fleet_s1_gpu1").write_text(ansible_2_19_cache_entry(gpu_facts(4, root=tmp_path)))
     # Another host whose name ends like gpu1's must not be taken for it.
-    (tmp_path / "cache" / "fleet_s1_old_gpu2").write_text(ansible_2_19_cache_entry(gpu_facts(1)))
+    (tmp_path / "cache" / "fleet_s1_old_gpu2").write_text(ansible_2_19_cache_entry(gpu_facts(1, root=tmp_path, host="gpu2")))
     result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == ["warning: gpu1: aphrodite_gpus_declared.count is 8, but the host has 4 GPUs"]
@@ -251,7 +258,7 @@ def test_stale_cache_entries_are_ignored_and_said_so(tmp_path):
                                           "fact_caching_timeout = 60\n")
     (tmp_path / "cache").mkdir()
     entry = tmp_path / "cache" / "s1_gpu1"
-    entry.write_text(ansible_2_19_cache_entry(gpu_facts(4)))
+    entry.write_text(ansible_2_19_cache_entry(gpu_facts(4, root=tmp_path)))
     os.utime(entry, (1_000_000_000, 1_000_000_000))
     result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
     assert result.returncode == 0, result.stderr
@@ -266,3 +273,42 @@ def test_tagged_cache_values_are_unwrapped():
     assert _plain({"a": {"value": [1, {"__ansible_unsafe": "x"}], "tags": [], "__ansible_type": "_AnsibleTaggedList"},
                    "v": {"__ansible_vault": "$ANSIBLE_VAULT;1.1"}, "e": {"__ansible_type": "EncryptedString"}}) == {
         "a": [1, "x"], "v": None, "e": None}
+
+
+@pytest.mark.parametrize(
+    ("origin", "used", "why"),
+    [
+        ({}, True, None),
+        ({"inventory": "/elsewhere/inventories/lab/hosts.yml"}, False,
+         "they were gathered for gpu1 of inventory /elsewhere/inventories/lab/hosts.yml, not of this inventory "
+         "({inventory})"),
+        ({"address": "172.28.10.31"}, False,
+         "they were gathered at address 172.28.10.31, and gpu1 is now at 10.0.0.1"),
+        (None, False, "they carry no record of the inventory and address they were gathered from"),
+    ],
+    ids=["same inventory and address", "another inventory", "the host moved", "no origin"],
+)
+def test_cached_facts_count_only_for_the_inventory_and_address_they_were_gathered_from(tmp_path, origin, used, why):
+    make_inventory(tmp_path, MODELS_70B_AND_8B)
+    cache = tmp_path / "facts"
+    cache.mkdir()
+    entry = gpu_facts(4, root=tmp_path)
+    if origin is None:
+        del entry["aphrodite_gpus_origin"]
+    else:
+        entry["aphrodite_gpus_origin"].update(origin)
+    (cache / "s1_gpu1").write_text(json.dumps(entry))
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json", "--fact-cache", str(cache))
+    assert result.returncode == 0, result.stderr
+    on_gpu1 = sorted(g for d in json.loads(result.stdout)["deployments"] for r in d["replicas"]
+                     for g in r["placement"].get("gpu1", []))
+    assert on_gpu1 == (list(range(4)) if used else list(range(8)))
+    warnings = result.stderr.strip().splitlines()
+    if used:
+        assert warnings == ["warning: gpu1: aphrodite_gpus_declared.count is 8, but the host has 4 GPUs"]
+    else:
+        why = why.format(inventory=tmp_path / "inventory" / "hosts.yml")
+        assert warnings == [f"warning: gpu1: the GPU facts cached in {cache / 's1_gpu1'} are not used: {why}; "
+                            "it is planned from aphrodite_gpus_declared until the preflight gathers its facts again"]
+        table = run_cli(tmp_path, "plan", "-i", "inventory", "--fact-cache", str(cache))
+        assert "GPU facts: declared (aphrodite_gpus_declared); no gathered facts in the fact cache" in table.stdout
