@@ -88,6 +88,8 @@ def origin_mismatch(host: str, variables: Mapping, origin: Any) -> str | None:
         return "they carry no record of the inventory and address they were gathered from"
     recorded_inventory = origin.get("inventory")
     recorded_address = str(origin.get("address") or "")
+    if not recorded_inventory:
+        return "they carry no record of the inventory they were gathered from"
     if not _same_inventory(recorded_inventory, expected["inventory"]):
         return (f"they were gathered for {host} of inventory {recorded_inventory}, "
                 f"not of this inventory ({expected['inventory']})")
