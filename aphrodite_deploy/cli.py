@@ -110,9 +110,11 @@ def _add_plan(commands: Any) -> None:
         help="show how the models of an inventory run on its GPU hosts (contacts no host)",
         description=(
             "Plan aphrodite_models on the GPU hosts of an inventory: tensor/pipeline parallel sizes, "
-            "replicas, GPUs, ports and engine arguments. Uses gathered GPU facts from the fact cache "
-            "when present, else aphrodite_gpus_declared, and reports where they disagree. "
-            f"Exit status {EXIT_INFEASIBLE} when the plan is infeasible."
+            "replicas, GPUs, ports and engine arguments. The inventory is read and templated by Ansible "
+            "itself, as the preflight of site.yml reads it, and planned by the same function: the plan "
+            "is the one site.yml would publish. Uses gathered GPU facts from the fact cache when they "
+            "were gathered for this inventory and host address, else aphrodite_gpus_declared, and "
+            f"reports where they disagree. Exit status {EXIT_INFEASIBLE} when the plan is infeasible."
         ),
     )
     plan.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
@@ -122,7 +124,7 @@ def _add_plan(commands: Any) -> None:
         help="jsonfile fact cache to read gathered facts from (default: fact_caching_connection of ansible.cfg)",
     )
     plan.add_argument("--no-fact-cache", action="store_true", help="plan from declared facts only")
-    plan.add_argument("--objective", choices=("throughput", "latency"), help="default objective of models that set none")
+    plan.add_argument("--objective", choices=("throughput", "latency"), help="objective of models that set none (default: the inventory's aphrodite_objective, else throughput)")
     plan.add_argument("--vault-password-file", metavar="FILE",
                       help=f"vault password file or script for vaulted variables (or set {ENV_PASSWORD})")
     plan.set_defaults(handler=run_plan)

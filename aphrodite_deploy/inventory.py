@@ -107,10 +107,25 @@ def _vault_secrets(loader: Any, password_files: list[str], password: str | None)
 
 
 def _ansible_message(exc: BaseException) -> str:
-    message = " ".join(str(getattr(exc, "message", None) or exc).split())
+    message = " ".join(str(getattr(exc, "message", None) or exc).split()).rstrip(".")
+    where = _origin(getattr(exc, "obj", None))
+    if where:
+        message += f" (in {where})"
     if "vault" in message.lower() or "decrypt" in message.lower():
         message += "; pass --vault-password-file or set APHRODITE_VAULT_PASSWORD (or ANSIBLE_VAULT_PASSWORD_FILE)"
     return message
+
+
+def _origin(value: Any) -> str | None:
+    """``file:line`` of an inventory value, where ansible-core recorded it."""
+    try:
+        from ansible._internal._datatag._tags import Origin  # no public accessor in ansible-core 2.19
+    except ImportError:
+        return None
+    origin = Origin.get_tag(value) if value is not None else None
+    if origin is None or not origin.path:
+        return None
+    return f"{origin.path}:{origin.line_num}" if origin.line_num else origin.path
 
 
 def _planning_host(inventory: Any) -> Any:

@@ -53,8 +53,9 @@ def make_inventory(root: Path, models_yaml: str, *, gpu2: str | None = None) -> 
     return inventory
 
 
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+def run_cli(cwd: Path, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "APHRODITE_"))}
+    env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([sys.executable, "-m", "aphrodite_deploy", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
@@ -312,3 +313,94 @@ def test_cached_facts_count_only_for_the_inventory_and_address_they_were_gathere
                             "it is planned from aphrodite_gpus_declared until the preflight gathers its facts again"]
         table = run_cli(tmp_path, "plan", "-i", "inventory", "--fact-cache", str(cache))
         assert "GPU facts: declared (aphrodite_gpus_declared); no gathered facts in the fact cache" in table.stdout
+
+
+VAULT_PASSWORD = "plan-test-password"
+
+
+def vaulted_models(tmp_path: Path) -> Path:
+    """Models whose served name comes from a vaulted vars file (encrypted as a whole)."""
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    inventory = make_inventory(tmp_path, textwrap.dedent("""\
+        aphrodite_models:
+          - id: meta-llama/Llama-3.1-8B-Instruct
+            config: models/llama-3.1-8b-instruct/config.json
+            served_model_name: "{{ vault_served_name }}"
+        """))
+    vault = VaultLib([("default", VaultSecret(VAULT_PASSWORD.encode()))])
+    (inventory / "group_vars" / "all" / "secrets.yml").write_text(vault.encrypt("vault_served_name: chat\n").decode())
+    (tmp_path / "password").write_text(VAULT_PASSWORD + "\n")
+    return inventory
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--vault-password-file", "password"], {}),
+        ([], {"APHRODITE_VAULT_PASSWORD": VAULT_PASSWORD}),
+        ([], {"ANSIBLE_VAULT_PASSWORD_FILE": "password"}),
+    ],
+    ids=["--vault-password-file", "APHRODITE_VAULT_PASSWORD", "ANSIBLE_VAULT_PASSWORD_FILE"],
+)
+def test_vaulted_variables_are_decrypted_as_ansible_playbook_would(tmp_path, args, env):
+    vaulted_models(tmp_path)
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json", *args, extra_env=env)
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)["deployments"][0]["replicas"][0]["argv"]
+    assert argv[argv.index("--served-model-name") + 1] == "chat"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ([], {}, "pass --vault-password-file or set APHRODITE_VAULT_PASSWORD"),
+        (["--vault-password-file", "password"], {"APHRODITE_VAULT_PASSWORD": VAULT_PASSWORD}, "not both"),
+        (["--vault-password-file", "nowhere"], {}, "vault password file nowhere does not exist"),
+    ],
+    ids=["no password", "two passwords", "missing file"],
+)
+def test_vault_problems_exit_1_and_say_what_to_do(tmp_path, args, env, message):
+    vaulted_models(tmp_path)
+    result = run_cli(tmp_path, "plan", "-i", "inventory", *args, extra_env=env)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith("aphrodite-deploy plan: ") and message in result.stderr
+
+
+def test_the_plan_uses_the_variables_of_the_host_the_preflight_plans_on(tmp_path):
+    """The preflight evaluates aphrodite_models and aphrodite_objective once, on the first host of gpu_nodes."""
+    inventory = make_inventory(tmp_path, textwrap.dedent("""\
+        context: 4096
+        aphrodite_models:
+          - id: meta-llama/Llama-3.1-8B-Instruct
+            config: models/llama-3.1-8b-instruct/config.json
+            max_model_len: "{{ context }}"
+        """))
+    (inventory / "host_vars" / "gpu1.yml").write_text("context: 2048\naphrodite_objective: latency\n")
+    (inventory / "host_vars" / "gpu2.yml").write_text("aphrodite_models: []\n")
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)["deployments"][0]["replicas"][0]["argv"]
+    assert argv[argv.index("--max-model-len") + 1] == "2048"
+    assert result.stderr.strip() == ("warning: aphrodite_models of gpu2 differs from gpu1's; the plan (as the "
+                                     "preflight's) uses gpu1's: define it once, in group_vars/all")
+
+
+def test_variables_the_planner_does_not_read_are_never_templated(tmp_path):
+    inventory = make_inventory(tmp_path, MODELS_70B_AND_8B)
+    (inventory / "group_vars" / "gpu_nodes.yml").write_text(
+        f"aphrodite_gpus_declared: {H100}\n"
+        "aphrodite_bind_address: \"{{ ansible_host }}\"\n"
+        "engine_api_key: \"{{ lookup('ansible.builtin.file', '/nonexistent/engine_api_key') }}\"\n")
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    head = json.loads(result.stdout)["deployments"][0]["replicas"][0]
+    assert head["argv"][head["argv"].index("--host") + 1] == "10.0.0.1"
+
+
+def test_a_variable_the_planner_reads_that_cannot_be_templated_exits_1(tmp_path):
+    inventory = make_inventory(tmp_path, MODELS_70B_AND_8B)
+    (inventory / "host_vars" / "gpu2.yml").write_text("aphrodite_bind_address: \"{{ no_such_variable }}\"\n")
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 1
+    assert "a variable the planner reads cannot be templated" in result.stderr and "no_such_variable" in result.stderr
