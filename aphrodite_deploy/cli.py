@@ -124,7 +124,9 @@ def _add_plan(commands: Any) -> None:
         help="jsonfile fact cache to read gathered facts from (default: fact_caching_connection of ansible.cfg)",
     )
     plan.add_argument("--no-fact-cache", action="store_true", help="plan from declared facts only")
-    plan.add_argument("--objective", choices=("throughput", "latency"), help="objective of models that set none (default: the inventory's aphrodite_objective, else throughput)")
+    plan.add_argument("--objective", choices=("throughput", "latency"),
+                      help="objective of models that set none (default: the inventory's aphrodite_objective, "
+                           "else throughput)")
     plan.add_argument("--vault-password-file", metavar="FILE",
                       help=f"vault password file or script for vaulted variables (or set {ENV_PASSWORD})")
     plan.set_defaults(handler=run_plan)
