@@ -45,7 +45,7 @@ class Inventory:
     hostvars: Any  # Ansible's HostVars: each host's variables, templated when read
     groups: dict[str, list[str]]
     models: list[Any]
-    objective: str
+    objective: str | None  # as the preflight passes it: None when the inventory sets it to null
     planning_host: str
     hosts: list[str]
     options: dict[str, Any] = field(default_factory=dict)
@@ -197,7 +197,7 @@ def read_inventory(path: str | os.PathLike[str], vault_password_file: str | None
     directory = Path(str(context.get("inventory_dir") or (inventory_path if inventory_path.is_dir()
                                                           else inventory_path.parent)))
     return Inventory(inventory_path, directory.resolve(), hostvars, _groups(context["groups"]), list(models),
-                     str(objective), host.name, [h.name for h in manager.get_hosts("all")], options, notes)
+                     None if objective is None else str(objective), host.name, [h.name for h in manager.get_hosts("all")], options, notes)
 
 
 def _groups(groups: Mapping[str, Any]) -> dict[str, list[str]]:
