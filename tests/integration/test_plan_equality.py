@@ -7,7 +7,7 @@ gpu_facts reports none, and both sides plan from the declared facts (the test ch
 the plans are not empty). Both sides share one jsonfile fact cache in a temporary
 directory: the CLI reads what the preflight cached, origin records included.
 
-About 5 s per inventory, 35 s for the file, on 2 cores (ansible-playbook's start dominates).
+About 5 s per inventory, 25-30 s for the file, on 2 cores (ansible-playbook's start dominates).
 """
 
 from __future__ import annotations
