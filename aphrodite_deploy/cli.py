@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from . import __version__
-from ._core._plan_input import plan_inventory
 from ._core._planner import Plan, PlanError
 from .events import RunLog, StageMap
-from .inventory import FactCache, InventoryError, default_fact_cache, fleet_engine_args, read_fact_cache, read_inventory
+from .inventory import FactCache, InventoryError, default_fact_cache, read_fact_cache, read_inventory
+from .inventory import plan as plan_inventory_hosts
 from .progress import Progress, duration
 from .runner import DEFAULT_KEEP, RunnerError, RunResult, artifacts_root, find_project_dir, run_playbook
 from .vault import ENV_PASSWORD, VaultError, VaultSecrets, take_env_password
@@ -110,9 +110,11 @@ def _add_plan(commands: Any) -> None:
         help="show how the models of an inventory run on its GPU hosts (contacts no host)",
         description=(
             "Plan aphrodite_models on the GPU hosts of an inventory: tensor/pipeline parallel sizes, "
-            "replicas, GPUs, ports and engine arguments. Uses gathered GPU facts from the fact cache "
-            "when present, else aphrodite_gpus_declared, and reports where they disagree. "
-            f"Exit status {EXIT_INFEASIBLE} when the plan is infeasible."
+            "replicas, GPUs, ports and engine arguments. The inventory is read and templated by Ansible "
+            "itself, as the preflight of site.yml reads it, and planned by the same function: the plan "
+            "is the one site.yml would publish. Uses gathered GPU facts from the fact cache when they "
+            "were gathered for this inventory and host address, else aphrodite_gpus_declared, and "
+            f"reports where they disagree. Exit status {EXIT_INFEASIBLE} when the plan is infeasible."
         ),
     )
     plan.add_argument("-i", "--inventory", required=True, help="inventory directory or file")
@@ -122,9 +124,11 @@ def _add_plan(commands: Any) -> None:
         help="jsonfile fact cache to read gathered facts from (default: fact_caching_connection of ansible.cfg)",
     )
     plan.add_argument("--no-fact-cache", action="store_true", help="plan from declared facts only")
-    plan.add_argument("--objective", choices=("throughput", "latency"), help="default objective of models that set none")
+    plan.add_argument("--objective", choices=("throughput", "latency"),
+                      help="objective of models that set none (default: the inventory's aphrodite_objective, "
+                           "else throughput)")
     plan.add_argument("--vault-password-file", metavar="FILE",
-                      help=f"passed to ansible-inventory for vaulted variables (or set {ENV_PASSWORD})")
+                      help=f"vault password file or script for vaulted variables (or set {ENV_PASSWORD})")
     plan.set_defaults(handler=run_plan)
 
 
@@ -132,9 +136,10 @@ def run_plan(args: argparse.Namespace, stdout: TextIO | None = None, stderr: Tex
     out = stdout or sys.stdout
     err = stderr or sys.stderr
     try:
-        with VaultSecrets(args.vault_password_file, getattr(args, "env_vault_password", None)) as vault:
-            inventory = read_inventory(args.inventory, vault.path)
-        engine_args = fleet_engine_args(inventory.hostvars, inventory.groups)
+        # Ansible reads the inventory here as ansible-playbook would (vault included), and the
+        # planner gets the variables the preflight's plan_fleet filter gets.
+        inventory = read_inventory(args.inventory, args.vault_password_file, getattr(args, "env_vault_password", None),
+                                   _playbook_dir())
         gathered: dict[str, Any] = {}
         notes = list(inventory.notes)
         if not args.no_fact_cache:
@@ -144,25 +149,31 @@ def run_plan(args: argparse.Namespace, stdout: TextIO | None = None, stderr: Tex
                     raise InventoryError(f"fact cache {args.fact_cache} is not a directory")
                 # An explicit directory is read as it is: whatever its age.
                 cache = FactCache(args.fact_cache, cache.prefix if cache else "", 0)
-            gathered, cache_notes = read_fact_cache(cache, sorted(inventory.hostvars))
+            gathered, cache_notes = read_fact_cache(cache, inventory.hosts)
             notes.extend(cache_notes)
-    except (InventoryError, VaultError) as exc:
+        result, from_facts = plan_inventory_hosts(inventory, args.objective, gathered)
+    except InventoryError as exc:
         print(f"aphrodite-deploy plan: {exc}", file=err)
         return EXIT_ERROR
-    try:
-        plan = plan_inventory(inventory.models, inventory.hostvars, inventory.groups, str(inventory.directory),
-                              args.objective, gathered, engine_args=engine_args)
     except PlanError as exc:
         print(f"aphrodite-deploy plan: infeasible: {exc}", file=err)
         return EXIT_INFEASIBLE
-    for note in notes + plan.notes:
+    for note in notes + result.notes:
         print(f"warning: {note}", file=err)
     if args.json:
-        json.dump(plan.to_dict(), out, indent=2)
+        json.dump(result.to_dict(), out, indent=2)
         out.write("\n")
     else:
-        out.write(render_table(plan, inventory.path, sorted(gathered)))
+        out.write(render_table(result, inventory.path, from_facts))
     return EXIT_OK
+
+
+def _playbook_dir() -> Path | None:
+    """Where the preflight playbook lies: ansible-playbook loads play-adjacent group_vars from there."""
+    try:
+        return find_project_dir(None) / "playbooks"
+    except RunnerError:
+        return None
 
 
 # --------------------------------------------------------------------------- runs

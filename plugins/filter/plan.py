@@ -10,33 +10,8 @@ from typing import Any
 from ansible.errors import AnsibleFilterError
 from ansible.utils.display import Display
 
-from ansible_collections.aphrodite.baremetal.plugins.module_utils._plan_input import plan_inventory
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._plan_hosts import plan_from_hostvars
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._planner import PlanError, node_argv
-
-# Per-host keys that may stand for the inventory's variable names.
-_ALIASES = {"declared": "aphrodite_gpus_declared", "gathered": "aphrodite_gpus", "address": "ansible_host"}
-_HOST_KEYS = ("aphrodite_gpus_declared", "aphrodite_gpus", "aphrodite_bind_address", "ansible_host", "ansible_facts")
-
-
-def _host_variables(hostvars: Any, hosts: list) -> dict:
-    """Copy only the variables the planner reads, so unrelated ones are never templated."""
-    result = {}
-    for host in hosts:
-        try:
-            variables = hostvars[host]
-        except KeyError:
-            continue
-        picked = {}
-        for key in _HOST_KEYS + tuple(_ALIASES):
-            try:
-                value = variables[key]
-            except (KeyError, TypeError):
-                continue
-            if key == "ansible_facts":
-                value = {"aphrodite_gpus": value.get("aphrodite_gpus")} if isinstance(value, Mapping) else None
-            picked[_ALIASES.get(key, key)] = value
-        result[host] = picked
-    return result
 
 
 def plan_fleet(models: Any, hostvars: Any, groups: Any, inventory_dir: str | None = None,
@@ -46,10 +21,10 @@ def plan_fleet(models: Any, hostvars: Any, groups: Any, inventory_dir: str | Non
         raise AnsibleFilterError("plan_fleet needs the inventory's groups as its second argument: plan_fleet(hostvars, groups)")
     if not isinstance(hostvars, Mapping) and not hasattr(hostvars, "__getitem__"):
         raise AnsibleFilterError("plan_fleet needs hostvars (or a mapping of host to its variables) as its first argument")
-    hosts = sorted({h for members in groups.values() for h in (members or [])})
+    # The CLI (aphrodite-deploy plan) calls the same function on the same hostvars.
     try:
-        plan = plan_inventory(list(models or []), _host_variables(hostvars, hosts), dict(groups),
-                              inventory_dir, objective, engine_args=engine_args)
+        plan, _gathered = plan_from_hostvars(list(models or []), hostvars, groups, inventory_dir, objective,
+                                              engine_args=engine_args)
     except PlanError as exc:
         raise AnsibleFilterError(str(exc))
     display = Display()

@@ -56,8 +56,9 @@ def make_inventory(root: Path, models_yaml: str, *, gpu2: str | None = None) -> 
     return inventory
 
 
-def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+def run_cli(cwd: Path, *args: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "APHRODITE_"))}
+    env.update(extra_env or {})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return subprocess.run([sys.executable, "-m", "aphrodite_deploy", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
@@ -157,19 +158,25 @@ def test_multi_node_plan_when_the_model_needs_both_nodes(tmp_path):
     assert replica["argv"][-8:] == ["--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.1", "--master-port", "29501"]
 
 
-def gpu_facts(count: int, source: str = "nvidia-smi") -> dict:
-    return {"aphrodite_gpus": {
+ADDRESSES = {"gpu1": "10.0.0.1", "gpu2": "10.0.0.2"}
+
+
+def gpu_facts(count: int, source: str = "nvidia-smi", *, root: Path, host: str = "gpu1",
+              inventory: Path | None = None, address: str | None = None) -> dict:
+    """A cache entry as the preflight leaves it: gpu_facts' facts and where they were gathered."""
+    origin = {"inventory": str(inventory or root / "inventory" / "hosts.yml"), "address": address or ADDRESSES[host]}
+    return {"aphrodite_gpus_origin": origin, "aphrodite_gpus": {
         "source": source, "count": count, "mig_enabled": False, "nvswitch": False, "nvlink_groups": [list(range(count))],
         "gpus": [{"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559 if source == "nvidia-smi" else None,
                   "numa_node": i // 4, "compute_capability": "9.0" if source == "nvidia-smi" else None} for i in range(count)],
-    }, "ansible_hostname": "gpu1"}
+    }, "ansible_hostname": host}
 
 
 def test_gathered_facts_from_the_fact_cache_win_and_mismatches_are_reported(tmp_path):
     make_inventory(tmp_path, MODELS_70B_AND_8B)
     cache = tmp_path / "facts"
     cache.mkdir()
-    (cache / "gpu1").write_text(json.dumps(gpu_facts(4)))
+    (cache / "gpu1").write_text(json.dumps(gpu_facts(4, root=tmp_path)))
     result = run_cli(tmp_path, "plan", "-i", "inventory", "--json", "--fact-cache", str(cache))
     assert result.returncode == 0, result.stderr
     assert "warning: gpu1: aphrodite_gpus_declared.count is 8, but the host has 4 GPUs" in result.stderr
@@ -186,7 +193,7 @@ def test_fact_cache_defaults_to_ansible_cfg(tmp_path):
     (tmp_path / "ansible.cfg").write_text("[defaults]\nfact_caching = jsonfile\nfact_caching_connection = .ansible/facts\n"
                                           "[inventory]\nignore_patterns = ^models$\n")
     (tmp_path / ".ansible" / "facts").mkdir(parents=True)
-    (tmp_path / ".ansible" / "facts" / "gpu2").write_text(json.dumps(gpu_facts(2)))
+    (tmp_path / ".ansible" / "facts" / "gpu2").write_text(json.dumps(gpu_facts(2, root=tmp_path, host="gpu2")))
     result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
     assert result.returncode == 0, result.stderr
     assert "gpu2: aphrodite_gpus_declared.count is 8, but the host has 2 GPUs" in result.stderr
@@ -200,7 +207,7 @@ def test_lspci_facts_without_a_declaration_are_refused(tmp_path):
     (inventory / "host_vars" / "gpu1.yml").write_text(f"aphrodite_gpus_declared: {H100}\n")
     cache = tmp_path / "facts"
     cache.mkdir()
-    (cache / "gpu2").write_text(json.dumps(gpu_facts(8, source="lspci")))
+    (cache / "gpu2").write_text(json.dumps(gpu_facts(8, source="lspci", root=tmp_path, host="gpu2")))
     result = run_cli(tmp_path, "plan", "-i", "inventory", "--fact-cache", str(cache))
     assert result.returncode == 2
     assert "gpu2: GPU facts come from lspci" in result.stderr
@@ -224,7 +231,8 @@ def test_inventory_without_models_says_where_to_define_them(tmp_path):
     make_inventory(tmp_path, "other: 1\n")
     result = run_cli(tmp_path, "plan", "-i", "inventory")
     assert result.returncode == 1
-    assert "no host of the inventory has aphrodite_models; define the models in group_vars/all" in result.stderr
+    assert ("gpu1 (the first host of gpu_nodes, where the preflight plans) has no aphrodite_models; "
+            "define the models in group_vars/all") in result.stderr
 
 
 def test_plan_is_a_subcommand():
@@ -249,9 +257,9 @@ def test_ansible_2_19_cache_files_with_a_prefix_are_read(tmp_path):
     (tmp_path / "ansible.cfg").write_text("[defaults]\nfact_caching = jsonfile\nfact_caching_connection = cache\n"
                                           "fact_caching_prefix = fleet_\n")
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / "fleet_s1_gpu1").write_text(ansible_2_19_cache_entry(gpu_facts(4)))
+    (tmp_path / "cache" / "fleet_s1_gpu1").write_text(ansible_2_19_cache_entry(gpu_facts(4, root=tmp_path)))
     # Another host whose name ends like gpu1's must not be taken for it.
-    (tmp_path / "cache" / "fleet_s1_old_gpu2").write_text(ansible_2_19_cache_entry(gpu_facts(1)))
+    (tmp_path / "cache" / "fleet_s1_old_gpu2").write_text(ansible_2_19_cache_entry(gpu_facts(1, root=tmp_path, host="gpu2")))
     result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == ["warning: gpu1: aphrodite_gpus_declared.count is 8, but the host has 4 GPUs"]
@@ -266,7 +274,7 @@ def test_stale_cache_entries_are_ignored_and_said_so(tmp_path):
                                           "fact_caching_timeout = 60\n")
     (tmp_path / "cache").mkdir()
     entry = tmp_path / "cache" / "s1_gpu1"
-    entry.write_text(ansible_2_19_cache_entry(gpu_facts(4)))
+    entry.write_text(ansible_2_19_cache_entry(gpu_facts(4, root=tmp_path)))
     os.utime(entry, (1_000_000_000, 1_000_000_000))
     result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
     assert result.returncode == 0, result.stderr
@@ -338,8 +346,131 @@ def test_bad_engine_args_exit_2_with_one_paragraph(tmp_path, models_yaml, messag
     assert message in result.stderr
 
 
-def test_aphrodite_engine_args_must_be_the_same_on_every_gpu_node(tmp_path):
-    make_inventory(tmp_path, MODELS_70B_AND_8B, gpu2="aphrodite_engine_args: {enable-prefix-caching: false}\n")
-    result = run_cli(tmp_path, "plan", "-i", "inventory")
+@pytest.mark.parametrize(
+    ("origin", "used", "why"),
+    [
+        ({}, True, None),
+        ({"inventory": "/elsewhere/inventories/lab/hosts.yml"}, False,
+         "they were gathered for gpu1 of inventory /elsewhere/inventories/lab/hosts.yml, not of this inventory "
+         "({inventory})"),
+        ({"address": "172.28.10.31"}, False,
+         "they were gathered at address 172.28.10.31, and gpu1 is now at 10.0.0.1"),
+        (None, False, "they carry no record of the inventory and address they were gathered from"),
+    ],
+    ids=["same inventory and address", "another inventory", "the host moved", "no origin"],
+)
+def test_cached_facts_count_only_for_the_inventory_and_address_they_were_gathered_from(tmp_path, origin, used, why):
+    make_inventory(tmp_path, MODELS_70B_AND_8B)
+    cache = tmp_path / "facts"
+    cache.mkdir()
+    entry = gpu_facts(4, root=tmp_path)
+    if origin is None:
+        del entry["aphrodite_gpus_origin"]
+    else:
+        entry["aphrodite_gpus_origin"].update(origin)
+    (cache / "s1_gpu1").write_text(json.dumps(entry))
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json", "--fact-cache", str(cache))
+    assert result.returncode == 0, result.stderr
+    on_gpu1 = sorted(g for d in json.loads(result.stdout)["deployments"] for r in d["replicas"]
+                     for g in r["placement"].get("gpu1", []))
+    assert on_gpu1 == (list(range(4)) if used else list(range(8)))
+    warnings = result.stderr.strip().splitlines()
+    if used:
+        assert warnings == ["warning: gpu1: aphrodite_gpus_declared.count is 8, but the host has 4 GPUs"]
+    else:
+        why = why.format(inventory=tmp_path / "inventory" / "hosts.yml")
+        assert warnings == [f"warning: gpu1: the GPU facts cached in {cache / 's1_gpu1'} are not used: {why}; "
+                            "it is planned from aphrodite_gpus_declared until the preflight gathers its facts again"]
+        table = run_cli(tmp_path, "plan", "-i", "inventory", "--fact-cache", str(cache))
+        assert "GPU facts: declared (aphrodite_gpus_declared); no gathered facts in the fact cache" in table.stdout
+
+
+VAULT_PASSWORD = "plan-test-password"
+
+
+def vaulted_models(tmp_path: Path) -> Path:
+    """Models whose served name comes from a vaulted vars file (encrypted as a whole)."""
+    from ansible.parsing.vault import VaultLib, VaultSecret
+
+    inventory = make_inventory(tmp_path, textwrap.dedent("""\
+        aphrodite_models:
+          - id: meta-llama/Llama-3.1-8B-Instruct
+            config: models/llama-3.1-8b-instruct/config.json
+            served_model_name: "{{ vault_served_name }}"
+        """))
+    vault = VaultLib([("default", VaultSecret(VAULT_PASSWORD.encode()))])
+    (inventory / "group_vars" / "all" / "secrets.yml").write_text(vault.encrypt("vault_served_name: chat\n").decode())
+    (tmp_path / "password").write_text(VAULT_PASSWORD + "\n")
+    return inventory
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--vault-password-file", "password"], {}),
+        ([], {"APHRODITE_VAULT_PASSWORD": VAULT_PASSWORD}),
+        ([], {"ANSIBLE_VAULT_PASSWORD_FILE": "password"}),
+    ],
+    ids=["--vault-password-file", "APHRODITE_VAULT_PASSWORD", "ANSIBLE_VAULT_PASSWORD_FILE"],
+)
+def test_vaulted_variables_are_decrypted_as_ansible_playbook_would(tmp_path, args, env):
+    vaulted_models(tmp_path)
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json", *args, extra_env=env)
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)["deployments"][0]["replicas"][0]["argv"]
+    assert argv[argv.index("--served-model-name") + 1] == "chat"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ([], {}, "pass --vault-password-file or set APHRODITE_VAULT_PASSWORD"),
+        (["--vault-password-file", "password"], {"APHRODITE_VAULT_PASSWORD": VAULT_PASSWORD}, "not both"),
+        (["--vault-password-file", "nowhere"], {}, "vault password file nowhere does not exist"),
+    ],
+    ids=["no password", "two passwords", "missing file"],
+)
+def test_vault_problems_exit_1_and_say_what_to_do(tmp_path, args, env, message):
+    vaulted_models(tmp_path)
+    result = run_cli(tmp_path, "plan", "-i", "inventory", *args, extra_env=env)
+    assert result.returncode == 1, result.stdout
+    assert result.stderr.startswith("aphrodite-deploy plan: ") and message in result.stderr
+
+
+def test_the_plan_uses_the_variables_of_the_host_the_preflight_plans_on(tmp_path):
+    """The preflight evaluates aphrodite_models and aphrodite_objective once, on the first host of gpu_nodes."""
+    inventory = make_inventory(tmp_path, textwrap.dedent("""\
+        context: 4096
+        aphrodite_models:
+          - id: meta-llama/Llama-3.1-8B-Instruct
+            config: models/llama-3.1-8b-instruct/config.json
+            max_model_len: "{{ context }}"
+        """))
+    (inventory / "host_vars" / "gpu1.yml").write_text("context: 2048\naphrodite_objective: latency\n")
+    (inventory / "host_vars" / "gpu2.yml").write_text("aphrodite_models: []\n")
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    argv = json.loads(result.stdout)["deployments"][0]["replicas"][0]["argv"]
+    assert argv[argv.index("--max-model-len") + 1] == "2048"
+    assert result.stderr.strip() == ("warning: aphrodite_models of gpu2 differs from gpu1's; the plan (as the "
+                                     "preflight's) uses gpu1's: define it once, in group_vars/all")
+
+
+def test_variables_the_planner_does_not_read_are_never_templated(tmp_path):
+    inventory = make_inventory(tmp_path, MODELS_70B_AND_8B)
+    (inventory / "group_vars" / "gpu_nodes.yml").write_text(
+        f"aphrodite_gpus_declared: {H100}\n"
+        "aphrodite_bind_address: \"{{ ansible_host }}\"\n"
+        "engine_api_key: \"{{ lookup('ansible.builtin.file', '/nonexistent/engine_api_key') }}\"\n")
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    head = json.loads(result.stdout)["deployments"][0]["replicas"][0]
+    assert head["argv"][head["argv"].index("--host") + 1] == "10.0.0.1"
+
+
+def test_a_variable_the_planner_reads_that_cannot_be_templated_exits_1(tmp_path):
+    inventory = make_inventory(tmp_path, MODELS_70B_AND_8B)
+    (inventory / "host_vars" / "gpu2.yml").write_text("aphrodite_bind_address: \"{{ no_such_variable }}\"\n")
+    result = run_cli(tmp_path, "plan", "-i", "inventory", "--json")
     assert result.returncode == 1
-    assert "aphrodite_engine_args differs between gpu1 and gpu2; define it once, in group_vars/all" in result.stderr
+    assert "a variable the planner reads cannot be templated" in result.stderr and "no_such_variable" in result.stderr
