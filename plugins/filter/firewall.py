@@ -19,27 +19,11 @@ from ansible_collections.aphrodite.baremetal.plugins.module_utils._firewall impo
     nft_rules,
 )
 
-_ADDRESS_KEYS = ("aphrodite_bind_address", "ansible_host")
-
-
 def _get(variables: Any, key: str) -> Any:
     try:
         return variables[key]
     except (KeyError, TypeError):
         return None
-
-
-def _host_variables(hostvars: Any, hosts: list, host: str, names: set) -> dict:
-    """Only the variables the firewall reads, so unrelated ones are never templated."""
-    result = {}
-    for name in hosts:
-        try:
-            variables = hostvars[name]
-        except KeyError:
-            continue
-        keys = _ADDRESS_KEYS + (tuple(sorted(names)) if name == host else ())
-        result[name] = {key: value for key in keys if (value := _get(variables, key)) is not None}
-    return result
 
 
 def role_declarations(roles_dir: Any) -> dict:
@@ -53,23 +37,23 @@ def role_declarations(roles_dir: Any) -> dict:
     return found
 
 
-def firewall_openings(host: Any, hostvars: Any, groups: Any, settings: Any, plan: Any = None,
-                      fallbacks: Any = None, roles: Any = None, extra: Any = None, roles_dir: Any = None) -> list:
-    """What ``host`` opens and to whom; see firewall_openings.yml."""
+def firewall_openings(host: Any, fleet: Any, settings: Any, variables: Any = None, fallbacks: Any = None,
+                      roles: Any = None, extra: Any = None, roles_dir: Any = None) -> list:
+    """What ``host`` opens and to whom, from the fleet model; see firewall_openings.yml."""
     if not isinstance(host, str) or not host:
         raise AnsibleFilterError("firewall_openings is applied to a host name: inventory_hostname | firewall_openings(...)")
-    if not isinstance(groups, Mapping):
-        raise AnsibleFilterError("firewall_openings needs the inventory's groups as its second argument")
+    if not isinstance(fleet, Mapping) or not isinstance(fleet.get("hosts"), Mapping):
+        raise AnsibleFilterError("firewall_openings needs the fleet model as its first argument: "
+                                 "hostvars['localhost'].aphrodite_fleet, which playbooks/preflight.yml publishes")
     if not isinstance(settings, Mapping):
         raise AnsibleFilterError("firewall_openings needs the firewall settings (admin_networks, client_networks, ssh_port, "
                                  "engine_peer_ports) as a mapping")
     try:
         by_role = {**(role_declarations(roles_dir) if roles_dir else {}), **dict(roles or {})}
         declarations = merge_declarations(list(fallbacks or []), by_role, extra)
-        names = {d["port"]["var"] for d in declarations if isinstance(d["port"], Mapping) and "var" in d["port"]}
-        hosts = sorted({h for members in groups.values() for h in (members or [])} | {host})
-        return host_openings(host, _host_variables(hostvars, hosts, host, names), dict(groups), dict(settings),
-                             declarations, plan or None)
+        names = sorted({d["port"]["var"] for d in declarations if isinstance(d["port"], Mapping) and "var" in d["port"]})
+        own = {name: value for name in names if (value := _get(variables, name)) is not None}
+        return host_openings(host, fleet, dict(settings), declarations, own)
     except FirewallError as exc:
         raise AnsibleFilterError(f"firewall of {host}: {exc}") from None
 

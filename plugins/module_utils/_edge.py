@@ -5,8 +5,9 @@
 Everything HAProxy and keepalived are told comes from here, so the roles' templates only
 print what these functions decided:
 
-- :func:`backends` turns the plan (``aphrodite_plan``) into one backend per model, with
-  every replica head as a server, and the endpoints ("pools") each model serves;
+- :func:`backends` groups the fleet model's replicas (``_fleet_model``) into one backend
+  per model of the plan, every replica head a server, with the endpoints ("pools") each
+  model serves;
 - :func:`routes` lists the ``<endpoint>:<model>`` keys HAProxy looks the request's JSON
   ``model`` field up in, plus a fallback per endpoint that exactly one backend serves;
 - :func:`api_key_entries` validates the client keys and returns only their SHA-256 hashes;
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 # Endpoints whose requests carry an OpenAI ``model`` field and go to an engine.
 MODEL_ENDPOINTS = ("chat", "completions", "embeddings")
@@ -42,7 +43,7 @@ class EdgeError(ValueError):
     """The plan, the key list or the host facts cannot be turned into edge configuration."""
 
 
-def _flag_values(argv: list, flag: str) -> list:
+def flag_values(argv: list, flag: str) -> list:
     """Values of ``flag`` in an engine argv (``--flag a b`` and ``--flag=a``), last occurrence wins."""
     values: list = []
     for index, arg in enumerate(argv):
@@ -66,8 +67,9 @@ def slug(text: str) -> str:
 
 
 def served_names(model: str, argv: list) -> list:
-    """Names the engine answers to: ``--served-model-name`` values, else the model id."""
-    names = _flag_values(argv, "--served-model-name")
+    """Names the engine answers to: ``--served-model-name`` values, else the model id (LoRA
+    adapters come on top: ``_fleet_model.lora_names``)."""
+    names = flag_values(argv, "--served-model-name")
     return names or [model]
 
 
@@ -84,44 +86,29 @@ def model_endpoints(model: str, argv: list, overrides: Mapping[str, Any] | None 
                             f"the endpoints routed by model are {', '.join(MODEL_ENDPOINTS)}")
         return list(dict.fromkeys(chosen))
     for flag, pooling_values in _POOLING_ARGS.items():
-        if set(_flag_values(argv, flag)) & pooling_values:
+        if set(flag_values(argv, flag)) & pooling_values:
             return list(POOLING_ENDPOINTS)
     return list(GENERATIVE_ENDPOINTS)
 
 
-def _address(hostvars: Mapping[str, Any], host: str) -> str:
-    try:
-        variables = hostvars[host]
-    except KeyError:
-        raise EdgeError(f"the plan puts a replica head on {host}, which is not in the inventory; "
-                        f"re-run preflight (site.yml) so the plan matches the inventory") from None
-    for key in ("aphrodite_bind_address", "ansible_host"):
-        try:
-            value = variables[key]
-        except (KeyError, TypeError):
-            continue
-        if value:
-            return str(value)
-    return host
-
-
-def backends(plan: Any, hostvars: Mapping[str, Any], default_maxconn: int = DEFAULT_MAXCONN,
+def backends(plan: Any, replicas: Sequence[Mapping[str, Any]],
              endpoint_overrides: Mapping[str, Any] | None = None) -> list:
     """One backend per model of the plan, each replica head a server.
 
-    Returns a list of ``{name, model, served_names, endpoints, servers}`` where each server is
-    ``{name, host, address, port, maxconn}``. ``maxconn`` is the replica's ``--max-num-seqs``
-    (the engine's concurrency) when its argv sets one, else ``default_maxconn``.
+    ``replicas`` are the fleet model's replicas (``_fleet_model``), in plan order: each has
+    ``name, model, served_names, endpoints, head, address, port, maxconn``; nothing here
+    works out an address, a name or a limit again.  Returns a list of
+    ``{name, model, served_names, endpoints, servers}`` where each server is
+    ``{name, host, address, url_host, port, maxconn}``.
     """
     if not isinstance(plan, Mapping) or not isinstance(plan.get("deployments"), list):
         raise EdgeError("the plan must be a mapping with a list of deployments "
                         "(hostvars['localhost'].aphrodite_plan, published by playbooks/preflight.yml)")
-    if not isinstance(default_maxconn, int) or isinstance(default_maxconn, bool) or default_maxconn < 1:
-        raise EdgeError(f"haproxy_server_maxconn must be a positive integer, got {default_maxconn!r}")
     result: list = []
     taken_names: set = set()
     server_names: dict = {}
     model_of_name: dict = {}
+    remaining = list(replicas)
     for index, deployment in enumerate(plan["deployments"]):
         if not isinstance(deployment, Mapping) or not deployment.get("model"):
             raise EdgeError(f"deployment {index} of the plan has no model id")
@@ -131,36 +118,22 @@ def backends(plan: Any, hostvars: Mapping[str, Any], default_maxconn: int = DEFA
         while name in taken_names:
             name, suffix = f"{base}-{suffix}", suffix + 1
         taken_names.add(name)
+        count = len(deployment.get("replicas") or [])
+        mine, remaining = remaining[:count], remaining[count:]
         servers: list = []
         names: list = []
         endpoints: list = []
-        for replica in deployment.get("replicas") or []:
-            for key in ("name", "head", "port"):
-                if key not in replica:
-                    raise EdgeError(f"a replica of {model} in the plan has no {key}")
+        for replica in mine:
             server = str(replica["name"])
             if server in server_names:
                 raise EdgeError(f"replica name {server} appears twice in the plan "
                                 f"({server_names[server]} and {model}); replica names must be unique")
             server_names[server] = model
-            argv = [str(a) for a in replica.get("argv") or []]
-            seqs = _flag_values(argv, "--max-num-seqs")
-            try:
-                maxconn = int(seqs[0]) if seqs else default_maxconn
-            except ValueError:
-                raise EdgeError(f"replica {server} of {model} has --max-num-seqs {seqs[0]!r}, not an integer") from None
-            port = replica["port"]
-            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-                raise EdgeError(f"replica {server} of {model} has port {port!r}; a port is an integer 1-65535")
-            servers.append({"name": server, "host": str(replica["head"]),
-                            "address": _address(hostvars, str(replica["head"])),
-                            "port": port, "maxconn": maxconn})
-            for served in served_names(model, argv):
-                if served not in names:
-                    names.append(served)
-            for endpoint in model_endpoints(model, argv, endpoint_overrides):
-                if endpoint not in endpoints:
-                    endpoints.append(endpoint)
+            servers.append({"name": server, "host": str(replica["head"]), "address": str(replica["address"]),
+                            "url_host": str(replica.get("url_host") or replica["address"]),
+                            "port": replica["port"], "maxconn": replica["maxconn"]})
+            names += [n for n in replica["served_names"] if n not in names]
+            endpoints += [e for e in replica["endpoints"] if e not in endpoints]
         if not names:
             names = [model]
         if not endpoints:

@@ -24,7 +24,6 @@ import ipaddress
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from ._planner import DEFAULT_MASTER_PORT
 
 PORT_PROTOCOLS = ("tcp", "udp", "sctp")
 # IP protocols without ports that a declaration may open (nft knows these names).
@@ -109,21 +108,15 @@ def parse_networks(values: Any, what: str) -> List[Any]:
     return networks
 
 
-def host_address(host: str, info: Mapping[str, Any]) -> Any:
-    """The private address of ``host``: ``aphrodite_bind_address``, else ``ansible_host``, else its name."""
-    for key in ("aphrodite_bind_address", "ansible_host"):
-        value = info.get(key)
-        if value not in (None, ""):
-            source = key
-            break
-    else:
-        value, source = host, "its inventory name"
+def host_ip(host: str, address: str) -> Any:
+    """The fleet model's address of ``host`` as an IP address; the firewall cannot use a name."""
     try:
-        return ipaddress.ip_address(str(value).strip())
+        return ipaddress.ip_address(str(address).strip())
     except ValueError:
         raise FirewallError(
-            f"the firewall needs the private IP address of {host}, but {source} is {value!r}; "
-            f"set aphrodite_bind_address of {host} to the address the other hosts reach it at"
+            f"the firewall needs the private IP address of {host}, but its address (aphrodite_bind_address, "
+            f"else ansible_host, else its inventory name) is {address!r}; set aphrodite_bind_address of "
+            f"{host} to the address the other hosts reach it at"
         ) from None
 
 
@@ -267,49 +260,45 @@ def merge_declarations(fallbacks: Sequence[Mapping[str, Any]], by_role: Mapping[
 # --------------------------------------------------------------------------- the plan
 
 
-def _argv_value(argv: Sequence[Any], flag: str) -> Optional[str]:
-    args = [str(a) for a in argv]
-    if flag in args and args.index(flag) + 1 < len(args):
-        return args[args.index(flag) + 1]
-    return None
-
-
-def replicas_on(plan: Optional[Mapping[str, Any]], host: str) -> List[Mapping[str, Any]]:
-    if not plan:
-        return []
-    if not isinstance(plan, Mapping) or "deployments" not in plan:
-        raise FirewallError("the plan must be hostvars['localhost'].aphrodite_plan as playbooks/preflight.yml publishes it")
-    return [replica for deployment in plan["deployments"] for replica in deployment.get("replicas", [])
-            if host in (replica.get("placement") or {})]
+def replicas_on(replicas: Optional[Sequence[Mapping[str, Any]]], host: str) -> List[Mapping[str, Any]]:
+    """The fleet model's replicas with GPUs on ``host``."""
+    return [replica for replica in replicas or [] if any(node["host"] == host for node in replica.get("nodes") or [])]
 
 
 # --------------------------------------------------------------------------- openings
 
 
-def host_openings(host: str, hostvars: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Sequence[str]],
-                  settings: Mapping[str, Any], declarations: Sequence[Mapping[str, Any]] = (),
-                  plan: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
+def host_openings(host: str, fleet: Mapping[str, Any], settings: Mapping[str, Any],
+                  declarations: Sequence[Mapping[str, Any]] = (),
+                  variables: Optional[Mapping[str, Any]] = None) -> List[Dict[str, Any]]:
     """What ``host`` opens, and to whom.
 
-    ``hostvars`` maps every inventory host to the variables this needs (its address keys;
-    for ``host`` also the variables that declarations name in ``port.var``). ``settings``:
-    ``admin_networks``, ``client_networks``, ``ssh_port``, ``engine_peer_ports`` (the
-    firewall role's variables of ``host``).
+    ``fleet`` is the fleet model (``_fleet_model.fleet_model``): every host's address and
+    groups, and the replicas with their nodes, ports and master ports; nothing here works
+    out another host's address again.  ``variables``: ``host``'s own variables that
+    declarations name in ``port.var``.  ``settings``: ``admin_networks``,
+    ``client_networks``, ``ssh_port``, ``engine_peer_ports`` (the firewall role's
+    variables of ``host``).
 
     Each opening: ``name``, ``description``, ``proto``, ``ports`` (strings, merged),
     ``sources`` (``ipv4``/``ipv6`` lists; ``0.0.0.0/0`` means anywhere). Openings whose
     sources are empty (an empty or missing group) are left out: nobody, not everybody.
     """
-    if host not in hostvars:
-        raise FirewallError(f"{host} is not in the inventory's hostvars")
-    members = {name: list(hosts or []) for name, hosts in groups.items()}
-    members.setdefault("all", sorted(hostvars))
+    known = fleet.get("hosts") if isinstance(fleet, Mapping) else None
+    if not isinstance(known, Mapping) or host not in known:
+        raise FirewallError(f"{host} is not in the fleet model (hostvars['localhost'].aphrodite_fleet, published by "
+                            f"playbooks/preflight.yml); run the firewall after preflight")
+    variables = variables or {}
+    members: Dict[str, List[str]] = {"all": sorted(known)}
+    for name in sorted(known):
+        for group in known[name].get("groups") or []:
+            members.setdefault(group, []).append(name)
     my_groups = {name for name, hosts in members.items() if host in hosts}
     addresses: Dict[str, Any] = {}
 
     def address(name: str) -> Any:
         if name not in addresses:
-            addresses[name] = host_address(name, hostvars.get(name, {}))
+            addresses[name] = host_ip(name, known[name]["address"])
         return addresses[name]
 
     named_networks = {
@@ -333,7 +322,7 @@ def host_openings(host: str, hostvars: Mapping[str, Mapping[str, Any]], groups: 
         parse_ports(settings.get("ssh_port", 22), "firewall_ssh_port"), named_networks["admin"])
 
     # Engine ports of every replica with GPUs here, for the load balancers only.
-    replicas = replicas_on(plan, host)
+    replicas = replicas_on(fleet.get("replicas"), host)
     engine_ports = _merge((int(r["port"]), int(r["port"])) for r in replicas)
     if engine_ports:
         add("engine", "engine API of the replicas on this host, for the load balancers", "tcp",
@@ -343,18 +332,18 @@ def host_openings(host: str, hostvars: Mapping[str, Mapping[str, Any]], groups: 
     # among the nodes of that replica only.
     peer_range = parse_ports(settings.get("engine_peer_ports", "32768-60999"), "firewall_engine_peer_ports")
     for replica in replicas:
-        placement = replica.get("placement") or {}
-        if len(placement) < 2:
+        nodes = replica.get("nodes") or []
+        if len(nodes) < 2:
             continue
-        argv = replica.get("argv") or []
+        ray = replica.get("executor") == "ray"
         ports = list(peer_range)
-        if host == replica.get("head", next(iter(placement))):
-            ports.append((int(_argv_value(argv, "--master-port") or DEFAULT_MASTER_PORT),) * 2)
-            if _argv_value(argv, "--distributed-executor-backend") == "ray":
+        if host == replica["head"]:
+            ports.append((int(replica["master_port"]),) * 2)
+            if ray:
                 ports.append((RAY_GCS_PORT, RAY_GCS_PORT))
-        if _argv_value(argv, "--distributed-executor-backend") == "ray":
+        if ray:
             ports.append(RAY_WORKER_PORTS)
-        peers = [ipaddress.ip_network(address(h)) for h in placement if h != host]
+        peers = [ipaddress.ip_network(address(node["host"])) for node in nodes if node["host"] != host]
         add(f"engine-peers-{replica['name']}", f"multi-node traffic of replica {replica['name']} among its nodes",
             "tcp", _merge(ports), peers)
 
@@ -372,7 +361,7 @@ def host_openings(host: str, hostvars: Mapping[str, Mapping[str, Any]], groups: 
                 if not declared:
                     continue
             elif isinstance(spec, Mapping):
-                value = hostvars[host].get(spec["var"])
+                value = variables.get(spec["var"])
                 value = spec["default"] if value in (None, "") else value
                 declared = parse_ports(value, f"{where}: {spec['var']} of {host}")
             else:

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 from ._engine_args import EngineArgsError, resolve as resolve_engine_args
 from ._capacity import DEFAULT_MIN_CONCURRENCY, DEFAULT_TYPICAL_SEQUENCE_TOKENS
 from ._fleet import FactsError, host_gpus
+from ._fleet_model import host_address
 from ._model_spec import ModelSpecError, apply_quantization_override, load_model_spec, parse_config
 from ._planner import (
     DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -202,7 +203,7 @@ def host_facts(host: str, hostvars: Mapping[str, Any], gathered: Any = None) -> 
         if gathered is None and isinstance(facts, Mapping):
             gathered = facts.get("aphrodite_gpus")
     bind = variables.get("aphrodite_bind_address") or None
-    address = bind or variables.get("ansible_host") or host
+    address = host_address(host, variables)
     try:
         return host_gpus(host, declared, gathered, str(address), str(bind) if bind else None)
     except FactsError as exc:

@@ -205,7 +205,10 @@ def _site_plays() -> list[tuple[str, dict]]:
     for entry in site:
         name = entry["ansible.builtin.import_playbook"]
         for play in yaml.safe_load((ROOT / "playbooks" / name).read_text()):
-            plays.append((name, play))
+            # A stage may import a decision play first (firewall.yml: the fleet model when
+            # run alone); only its own plays are stages.
+            if "hosts" in play:
+                plays.append((name, play))
     return plays
 
 

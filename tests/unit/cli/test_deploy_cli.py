@@ -15,6 +15,8 @@ from aphrodite_deploy.progress import Progress
 PREFLIGHT = "Preflight | plan the fleet from GPU facts"
 ENGINES = "Engines | image, environment and new replicas"
 COMMON = "Base layer of every host"
+# Plays of site.yml: the "N" of "stage k/N".
+TOTAL = StageMap.from_playbook(ROOT / "site.yml").total
 
 
 def converged() -> Stream:
@@ -55,9 +57,9 @@ def test_progress_names_each_stage_and_host_off_a_terminal(monkeypatch):
     code, _out, err = run(["deploy", "-i", "inventories/lab"], FakeRun(converged().events), monkeypatch)
     assert code == 0
     lines = err.splitlines()
-    assert lines[0] == f"deploy: stage 1/16 preflight · {PREFLIGHT} ..."
+    assert lines[0] == f"deploy: stage 1/{TOTAL} preflight · {PREFLIGHT} ..."
     assert lines[1].startswith("✓ preflight: gpu1 ok=1 changed=0 · gpu2 ok=1 changed=0 (")
-    assert lines[2] == f"deploy: stage 2/16 common · {COMMON} ..."
+    assert lines[2] == f"deploy: stage 2/{TOTAL} common · {COMMON} ..."
     assert lines[-1].startswith("✓ engines: gpu1 ok=1 changed=0 · gpu2 ok=0 changed=0 (")
 
 
@@ -72,7 +74,7 @@ def test_live_progress_draws_a_bar_per_stage_and_host():
     assert "  gpu1  [" + "#" * 20 + "]  task 2/2  ok 2  changed 1" in screen
     assert "  gpu2  [" + "#" * 10 + "-" * 10 + "]  task 1/2  ok 1  changed 0" in screen
     assert "\x1b[" in screen  # redrawn in place
-    assert "deploy: stage 1/16 engines · " + ENGINES in screen
+    assert f"deploy: stage 1/{TOTAL} engines · " + ENGINES in screen
     progress.close()
     assert out.getvalue().rstrip().splitlines()[-1].startswith("\x1b[4F\x1b[J✓ engines: gpu1 ok=2 changed=1 · gpu2 ok=1 changed=0")
 
@@ -238,5 +240,5 @@ def test_a_serial_play_is_one_stage_across_its_batches():
         progress(event)
     progress.close()
     stages = [line.split(" · ")[0] for line in out.getvalue().splitlines() if line.startswith("deploy: stage")]
-    assert stages == ["deploy: stage 1/16 engines", "deploy: stage 2/16 engines", "deploy: stage 2/16 engines",
-                      "deploy: stage 3/16 edge"]
+    assert stages == [f"deploy: stage 1/{TOTAL} engines", f"deploy: stage 2/{TOTAL} engines",
+                      f"deploy: stage 2/{TOTAL} engines", f"deploy: stage 3/{TOTAL} edge"]

@@ -1,4 +1,8 @@
-"""Host firewall openings from an inventory: given the topology, exactly these openings per host."""
+"""Host firewall openings from an inventory: given the topology, exactly these openings per host.
+
+The openings are computed from the fleet model (addresses, groups, replicas), which the
+helper below builds from the inventory as preflight does.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import yaml
 from ansible.errors import AnsibleFilterError
 
 from ansible_collections.aphrodite.baremetal.plugins.filter import firewall as firewall_filter
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._fleet_model import fleet_model
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._firewall import (
     FirewallError,
     allows,
@@ -66,9 +71,14 @@ def summary(openings):
     return {o["name"]: (o["proto"], o["ports"], (o["sources"]["ipv4"], o["sources"]["ipv6"])) for o in openings}
 
 
+def fleet(hostvars=None, groups=None, plan=PLAN):
+    return fleet_model(plan, hostvars or HOSTVARS, groups or GROUPS)
+
+
 def openings(host, hostvars=None, groups=None, settings=None, plan=PLAN, roles=None, extra=None):
     declarations = merge_declarations(FALLBACKS, roles or {}, extra or [])
-    return host_openings(host, hostvars or HOSTVARS, groups or GROUPS, settings or SETTINGS, declarations, plan)
+    return host_openings(host, fleet(hostvars, groups, plan), settings or SETTINGS, declarations,
+                         (hostvars or HOSTVARS).get(host))
 
 
 LAB = {
@@ -214,8 +224,9 @@ def test_openings_follow_the_inventory(host, changes, expected):
 
 ERRORS = [
     pytest.param("gpu1", {"hostvars": _vars(lb1={"ansible_host": "lb1.example.com"})},
-                 "the firewall needs the private IP address of lb1, but ansible_host is 'lb1.example.com'; "
-                 "set aphrodite_bind_address of lb1", id="hostname-address"),
+                 "the firewall needs the private IP address of lb1, but its address (aphrodite_bind_address, else "
+                 "ansible_host, else its inventory name) is 'lb1.example.com'; set aphrodite_bind_address of lb1",
+                 id="hostname-address"),
     pytest.param("lb1", {"settings": {**SETTINGS, "admin_networks": ["10.9.0.5/24"]}},
                  "firewall_admin_networks: '10.9.0.5/24' has host bits set; write 10.9.0.0/24 for the whole network "
                  "or 10.9.0.5 for the one address", id="host-bits"),
@@ -224,7 +235,7 @@ ERRORS = [
     pytest.param("lb1", {"settings": {**SETTINGS, "engine_peer_ports": "60999-32768"}},
                  "firewall_engine_peer_ports: '60999-32768' is outside 1-65535 or its range runs backwards", id="backwards-range"),
     pytest.param("lb1", {"hostvars": _vars(lb1={"haproxy_frontend_port": "https"})},
-                 "haproxy_frontend_port of lb1: 'https' is not a port", id="bad-port-variable"),
+                 "haproxy_frontend_port of lb1 is 'https'; a port is an integer 1-65535", id="bad-port-variable"),
     pytest.param("lb1", {"extra": [{"name": "x", "hosts": "all", "proto": "icmp", "from": {"networks": ["admin"]}}]},
                  "firewall_extra_openings, opening x: proto 'icmp' is not one of", id="unknown-proto"),
     pytest.param("lb1", {"extra": [{"name": "x", "hosts": "all", "port": {"var": "x_port"}, "from": {"peers": True}}]},
@@ -248,7 +259,8 @@ ERRORS = [
 
 @pytest.mark.parametrize(("host", "changes", "message"), ERRORS)
 def test_errors_name_the_input_and_the_fix(host, changes, message):
-    with pytest.raises(FirewallError) as err:
+    # FirewallError, or the fleet model's error for what the model reads (a port variable).
+    with pytest.raises(ValueError) as err:
         openings(host, **changes)
     assert message in str(err.value)
 
@@ -345,27 +357,34 @@ def test_filters_are_registered():
     assert set(firewall_filter.FilterModule().filters()) == {"firewall_openings", "firewall_nft", "firewall_allows"}
 
 
-def test_filter_reads_only_addresses_and_the_declared_port_variables():
-    hostvars = _HostVars(_vars(lb1={"haproxy_frontend_port": 8443, "secret_token": "x"}, lb2={"haproxy_frontend_port": 1}))
-    result = firewall_filter.firewall_openings("lb1", hostvars, GROUPS, SETTINGS, plan=PLAN, fallbacks=FALLBACKS)
+def test_filter_reads_only_the_declared_port_variables_of_its_own_host():
+    own = _HostVars({"lb1": {"ansible_host": "10.0.0.11", "haproxy_frontend_port": 8443, "secret_token": "x"}})
+    result = firewall_filter.firewall_openings("lb1", fleet(), SETTINGS, variables=own["lb1"], fallbacks=FALLBACKS)
     assert summary(result)["haproxy-frontend"] == ("tcp", ["8443"], ANY)
-    keys = {key for _host, key in hostvars.read}
-    assert "secret_token" not in keys
-    assert {key for host, key in hostvars.read if host == "lb2"} <= {"aphrodite_bind_address", "ansible_host"}
+    declared = {"haproxy_frontend_port", "haproxy_peers_port", "haproxy_metrics_port", "monitoring_node_exporter_port"}
+    assert {key for _host, key in own.read} <= declared
+
+
+def test_other_hosts_addresses_come_from_the_fleet_model_alone():
+    model = fleet()
+    model["hosts"]["lb2"]["address"] = "10.7.7.7"
+    result = summary(firewall_filter.firewall_openings("gpu3", model, SETTINGS, fallbacks=FALLBACKS))
+    assert result["engine"] == ("tcp", ["2242"], (["10.0.0.11", "10.7.7.7"], []))
 
 
 def test_filter_errors_name_the_host():
     with pytest.raises(AnsibleFilterError, match="firewall of gpu1: the firewall needs the private IP address of gpu2"):
-        firewall_filter.firewall_openings("gpu1", _vars(gpu2={"ansible_host": "gpu2.lan"}), GROUPS, SETTINGS, plan=PLAN)
+        firewall_filter.firewall_openings("gpu1", fleet(_vars(gpu2={"ansible_host": "gpu2.lan"})), SETTINGS)
 
 
-def test_filter_refuses_a_plan_of_another_shape():
-    with pytest.raises(AnsibleFilterError, match="aphrodite_plan as playbooks/preflight.yml publishes it"):
-        firewall_filter.firewall_openings("gpu1", HOSTVARS, GROUPS, SETTINGS, plan={"replicas": []})
+@pytest.mark.parametrize("model", [{"replicas": []}, None, {"hosts": {"lb1": {"address": "10.0.0.11", "groups": []}}}])
+def test_filter_refuses_what_is_not_the_fleet_model_of_the_host(model):
+    with pytest.raises(AnsibleFilterError, match="fleet model"):
+        firewall_filter.firewall_openings("gpu1", model, SETTINGS)
 
 
 def test_nft_and_allows_filters():
-    result = firewall_filter.firewall_openings("gpu2", HOSTVARS, GROUPS, SETTINGS, plan=PLAN, fallbacks=FALLBACKS)
+    result = firewall_filter.firewall_openings("gpu2", fleet(), SETTINGS, fallbacks=FALLBACKS)
     assert firewall_filter.firewall_nft(result, "input")[0] == 'ip saddr 10.9.0.0/24 tcp dport 22 accept comment "ssh"'
     assert firewall_filter.firewall_allows(result, "10.9.0.1", "22") is True
     assert firewall_filter.firewall_allows(result, "10.0.0.11", 22) is False
@@ -381,7 +400,7 @@ def test_filter_reads_every_roles_meta_firewall_yml(tmp_path):
          "from": {"networks": ["admin"]}},
         {"name": "haproxy-stats", "hosts": "loadbalancers", "port": 8404, "from": {"peers": True}}]}))
     (tmp_path / "firewall" / "meta").mkdir(parents=True)  # a role without a declaration file
-    result = summary(firewall_filter.firewall_openings("lb1", HOSTVARS, GROUPS, SETTINGS, fallbacks=FALLBACKS,
+    result = summary(firewall_filter.firewall_openings("lb1", fleet(), SETTINGS, fallbacks=FALLBACKS,
                                                        roles_dir=str(tmp_path)))
     # The role's own haproxy-frontend replaces the fallback; its new opening joins.
     assert result["haproxy-frontend"] == ("tcp", ["443"], ADMIN)
@@ -394,4 +413,4 @@ def test_filter_names_a_role_file_it_cannot_read(tmp_path):
     broken.parent.mkdir(parents=True)
     broken.write_text("openings: [\n")
     with pytest.raises(AnsibleFilterError, match="cannot read the firewall declarations in .*monitoring/meta/firewall.yml"):
-        firewall_filter.firewall_openings("lb1", HOSTVARS, GROUPS, SETTINGS, roles_dir=str(tmp_path))
+        firewall_filter.firewall_openings("lb1", fleet(), SETTINGS, roles_dir=str(tmp_path))

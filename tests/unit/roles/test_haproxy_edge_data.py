@@ -1,4 +1,4 @@
-"""What the haproxy role renders: backends and routes from the plan, hashed API keys, roles."""
+"""What the haproxy role renders: backends and routes from the fleet model, hashed API keys, roles."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from ansible.errors import AnsibleFilterError
 
 from ansible_collections.aphrodite.baremetal.plugins.filter import edge as edge_filter
-from ansible_collections.aphrodite.baremetal.plugins.module_utils import _edge
+from ansible_collections.aphrodite.baremetal.plugins.filter import fleet as fleet_filter
+from ansible_collections.aphrodite.baremetal.plugins.module_utils import _edge, _fleet_model
 
 ENDPOINTS = ["chat", "completions", "embeddings", "models", "stats"]
 ROLES = {"customer": {"endpoints": ["chat", "completions", "models"], "rate_limit": 60},
@@ -16,6 +17,14 @@ ROLES = {"customer": {"endpoints": ["chat", "completions", "models"], "rate_limi
 HOSTVARS = {"gpu1": {"ansible_host": "10.0.0.1"},
             "gpu2": {"ansible_host": "10.0.0.2", "aphrodite_bind_address": "192.168.0.2"},
             "gpu3": {}}
+
+
+GROUPS = {"all": list(HOSTVARS), "gpu_nodes": list(HOSTVARS), "loadbalancers": []}
+
+
+def backends(the_plan, hostvars=HOSTVARS, **settings):
+    """HAProxy's backends as the fleet model holds them."""
+    return _fleet_model.fleet_model(the_plan, hostvars, GROUPS, settings)["loadbalancers"]["backends"]
 
 
 def replica(name, head, port=2242, *argv):
@@ -36,13 +45,12 @@ MULTI = plan(
 
 
 def test_filters_are_registered():
-    assert set(edge_filter.FilterModule().filters()) == {
-        "edge_backends", "edge_routes", "edge_model_list", "edge_api_roles", "edge_api_key_entries",
-        "edge_vrrp_interface"}
+    assert set(edge_filter.FilterModule().filters()) == {"edge_api_roles", "edge_api_key_entries", "edge_vrrp_interface"}
+    assert set(fleet_filter.FilterModule().filters()) == {"fleet_model"}
 
 
 def test_single_model_backend_has_every_replica_at_its_address():
-    [backend] = _edge.backends(SINGLE, HOSTVARS)
+    [backend] = backends(SINGLE)
     assert backend["name"] == "be_llama-3-1-8b-instruct"
     assert backend["endpoints"] == ["chat", "completions"]
     assert [(s["name"], s["address"], s["port"], s["maxconn"]) for s in backend["servers"]] == [
@@ -50,7 +58,7 @@ def test_single_model_backend_has_every_replica_at_its_address():
 
 
 def test_a_head_without_address_variables_is_addressed_by_name():
-    [backend] = _edge.backends(plan(("m/x", [replica("x-0", "gpu3")])), HOSTVARS)
+    [backend] = backends(plan(("m/x", [replica("x-0", "gpu3")])))
     assert backend["servers"][0]["address"] == "gpu3"
 
 
@@ -61,7 +69,7 @@ def test_a_head_without_address_variables_is_addressed_by_name():
     (["--max-num-seqs", "8", "--max-num-seqs", "16"], 16),
 ])
 def test_server_maxconn_is_the_engine_concurrency(argv, maxconn):
-    [backend] = _edge.backends(plan(("m/x", [replica("x-0", "gpu1", 2242, *argv)])), HOSTVARS)
+    [backend] = backends(plan(("m/x", [replica("x-0", "gpu1", 2242, *argv)])))
     assert backend["servers"][0]["maxconn"] == maxconn
 
 
@@ -82,8 +90,7 @@ def test_endpoint_override_wins_and_is_checked():
 
 
 def test_routes_key_every_served_name_and_default_only_unambiguous_endpoints():
-    backends = _edge.backends(MULTI, HOSTVARS)
-    routes = dict(map(tuple, _edge.routes(backends)))
+    routes = dict(map(tuple, _edge.routes(backends(MULTI))))
     assert routes["chat:meta-llama/Llama-3.1-8B-Instruct"] == "be_llama-3-1-8b-instruct"
     assert routes["chat:qwen"] == routes["completions:qwen-latest"] == "be_qwen2-5-7b-instruct"
     assert "chat:Qwen/Qwen2.5-7B-Instruct" not in routes  # the engine answers only to its served names
@@ -94,25 +101,25 @@ def test_routes_key_every_served_name_and_default_only_unambiguous_endpoints():
 
 
 def test_single_model_fleet_routes_without_a_model_field():
-    routes = dict(map(tuple, _edge.routes(_edge.backends(SINGLE, HOSTVARS))))
+    routes = dict(map(tuple, _edge.routes(backends(SINGLE))))
     assert routes["chat"] == routes["completions"] == "be_llama-3-1-8b-instruct"
 
 
 def test_model_list_names_every_served_name():
-    listing = _edge.model_list(_edge.backends(MULTI, HOSTVARS))
+    listing = _edge.model_list(backends(MULTI))
     assert [m["id"] for m in listing["data"]] == ["meta-llama/Llama-3.1-8B-Instruct", "qwen", "qwen-latest",
                                                   "BAAI/bge-m3"]
     assert listing["object"] == "list"
 
 
 def test_backend_names_stay_unique_when_slugs_collide():
-    names = [b["name"] for b in _edge.backends(plan(("a/Model", [replica("a-0", "gpu1")]),
-                                                    ("b/model", [replica("b-0", "gpu2")])), HOSTVARS)]
+    names = [b["name"] for b in backends(plan(("a/Model", [replica("a-0", "gpu1")]),
+                                              ("b/model", [replica("b-0", "gpu2")])))]
     assert names == ["be_model", "be_model-2"]
 
 
 @pytest.mark.parametrize(("bad_plan", "message"), [
-    (None, "deployments"),
+    ({"replicas": []}, "deployments"),
     ({"deployments": [{"replicas": []}]}, "no model id"),
     (plan(("m/x", [{"name": "x-0", "port": 1}])), "no head"),
     (plan(("m/x", [replica("x-0", "gpu1", 0)])), "port 0"),
@@ -120,27 +127,27 @@ def test_backend_names_stay_unique_when_slugs_collide():
     (plan(("m/x", [replica("x-0", "gpu1", 1, "--served-model-name", "same")]),
           ("m/y", [replica("y-0", "gpu2", 1, "--served-model-name", "same")])), "same is served by both"),
     (plan(("m/x", [replica("x-0", "nohost")])), "nohost, which is not in the inventory"),
-    (plan(("m/x", [replica("x-0", "gpu1", 1, "--max-num-seqs", "many")])), "not an integer"),
+    (plan(("m/x", [replica("x-0", "gpu1", 1, "--max-num-seqs", "many")])), "--max-num-seqs 'many'"),
 ])
 def test_bad_plans_are_named(bad_plan, message):
-    with pytest.raises(_edge.EdgeError, match=message):
-        _edge.backends(bad_plan, HOSTVARS)
+    with pytest.raises(ValueError, match=message):
+        backends(bad_plan)
 
 
 def test_filter_reports_plan_errors_as_filter_errors():
     with pytest.raises(AnsibleFilterError, match="not in the inventory"):
-        edge_filter.edge_backends(plan(("m/x", [replica("x-0", "nohost")])), HOSTVARS)
+        fleet_filter.fleet_model(plan(("m/x", [replica("x-0", "nohost")])), HOSTVARS, GROUPS)
 
 
-def test_filter_reads_only_the_heads_address_variables():
+def test_filter_reads_only_the_variables_the_model_needs():
     class Strict(dict):
         def __getitem__(self, key):
-            if key not in ("aphrodite_bind_address", "ansible_host"):
+            if key not in _fleet_model.HOST_VARIABLES:
                 raise AssertionError(f"read {key}")
             return dict.__getitem__(self, key)
 
-    hostvars = {"gpu1": Strict(ansible_host="10.0.0.1"), "gpu2": Strict(), "gpu3": Strict()}
-    [backend] = edge_filter.edge_backends(SINGLE, hostvars)
+    hostvars = {"gpu1": Strict(ansible_host="10.0.0.1", aphrodite_api_key="secret"), "gpu2": Strict(), "gpu3": Strict()}
+    [backend] = fleet_filter.fleet_model(SINGLE, hostvars, GROUPS)["loadbalancers"]["backends"]
     assert backend["servers"][0]["address"] == "10.0.0.1"
 
 

@@ -12,6 +12,7 @@ from ansible_collections.aphrodite.baremetal.plugins.module_utils._firewall impo
     host_openings,
     merge_declarations,
 )
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._fleet_model import fleet_model
 
 ROOT = Path(__file__).resolve().parents[3]
 DECLARATIONS = yaml.safe_load((ROOT / "roles" / "monitoring" / "meta" / "firewall.yml").read_text())
@@ -35,7 +36,7 @@ MON = (["10.0.0.25", "10.0.0.26"], [])
 
 def openings(host: str) -> dict:
     declarations = merge_declarations(FALLBACKS, {"monitoring": DECLARATIONS}, [])
-    found = host_openings(host, HOSTVARS, GROUPS, SETTINGS, declarations, PLAN)
+    found = host_openings(host, fleet_model(PLAN, HOSTVARS, GROUPS), SETTINGS, declarations, HOSTVARS[host])
     return {o["name"]: (o["proto"], o["ports"], (o["sources"]["ipv4"], o["sources"]["ipv6"])) for o in found}
 
 

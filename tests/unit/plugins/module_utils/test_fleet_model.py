@@ -1,0 +1,307 @@
+"""The fleet model: every address, port, served name, endpoint and target, computed once."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ansible_collections.aphrodite.baremetal.plugins.module_utils import _fleet_model
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._fleet_model import (
+    PORT_VARIABLES,
+    PORTS,
+    FleetModelError,
+    fleet_model,
+    host_address,
+    lora_names,
+    url_host,
+)
+
+ROOT = Path(__file__).resolve().parents[4]
+
+HOSTVARS = {
+    "lb1": {"ansible_host": "10.0.0.11"},
+    "lb2": {"ansible_host": "10.0.0.12"},
+    "mon1": {"ansible_host": "10.0.0.21"},
+    "gpu1": {"ansible_host": "10.0.1.1"},
+    "gpu2": {"ansible_host": "10.0.1.2", "aphrodite_bind_address": "192.168.1.2"},
+}
+GROUPS = {
+    "all": list(HOSTVARS),
+    "loadbalancers": ["lb2", "lb1"],
+    "monitoring": ["mon1"],
+    "nfs_servers": ["mon1"],
+    "gpu_nodes": ["gpu1", "gpu2"],
+    "ungrouped": [],
+}
+
+
+def replica(name, placement, port=2242, *argv, **extra):
+    return {"name": name, "head": next(iter(placement)), "placement": placement, "port": port,
+            "argv": ["--model", "m", *argv], **extra}
+
+
+def plan(*deployments):
+    return {"deployments": [{"model": model, "replicas": list(replicas)} for model, replicas in deployments],
+            "idle_gpus": {}}
+
+
+PLAN = plan(
+    ("meta-llama/Llama-3.1-70B-Instruct", [replica("llama-0", {"gpu1": [0, 1], "gpu2": [0, 1]}, 2242,
+                                                   "--nnodes", "2", "--master-port", "29600")]),
+    ("BAAI/bge-m3", [replica("bge-0", {"gpu1": [2]}, 2243, "--task", "embed")]),
+)
+
+
+def model(the_plan=PLAN, hostvars=None, groups=None, **settings):
+    return fleet_model(the_plan, hostvars or HOSTVARS, groups or GROUPS, settings)
+
+
+# --------------------------------------------------------------------------- addresses
+
+@pytest.mark.parametrize(("variables", "expected"), [
+    ({"aphrodite_bind_address": "192.168.0.5", "ansible_host": "10.0.0.5"}, "192.168.0.5"),
+    ({"aphrodite_bind_address": "", "ansible_host": "10.0.0.5"}, "10.0.0.5"),
+    ({"aphrodite_bind_address": "  ", "ansible_host": "10.0.0.5"}, "10.0.0.5"),
+    ({"aphrodite_bind_address": None, "ansible_host": "10.0.0.5"}, "10.0.0.5"),
+    ({"aphrodite_bind_address": "", "ansible_host": ""}, "node1"),
+    ({"ansible_host": " 10.0.0.5 "}, "10.0.0.5"),
+    ({}, "node1"),
+    (None, "node1"),
+    ({"aphrodite_bind_address": "fd00::5"}, "fd00::5"),
+])
+def test_one_address_rule_where_empty_counts_as_unset(variables, expected):
+    assert host_address("node1", variables) == expected
+
+
+@pytest.mark.parametrize(("address", "expected"), [
+    ("10.0.0.5", "10.0.0.5"), ("fd00::5", "[fd00::5]"), ("[fd00::5]", "[fd00::5]"), ("gpu1.lan", "gpu1.lan")])
+def test_url_host_brackets_ipv6(address, expected):
+    assert url_host(address) == expected
+
+
+def test_every_host_is_in_the_model_with_its_address_groups_and_ports():
+    hosts = model()["hosts"]
+    assert sorted(hosts) == ["gpu1", "gpu2", "lb1", "lb2", "mon1"]
+    assert hosts["gpu2"]["address"] == "192.168.1.2"
+    assert hosts["lb1"]["groups"] == ["loadbalancers"]
+    assert hosts["mon1"]["groups"] == ["monitoring", "nfs_servers"]
+    assert hosts["lb1"]["ports"] == {"node_exporter": 9100, "haproxy_frontend": 443, "haproxy_peers": 10000,
+                                     "haproxy_metrics": 8405}
+    assert hosts["gpu1"]["ports"] == {"node_exporter": 9100, "dcgm_exporter": 9400}
+    assert hosts["mon1"]["ports"]["nfs"] == 2049 and hosts["mon1"]["ports"]["prometheus"] == 9090
+
+
+def test_a_hosts_port_variable_overrides_the_default():
+    hostvars = copy.deepcopy(HOSTVARS)
+    hostvars["lb1"].update(haproxy_frontend_port="8443", monitoring_node_exporter_port=9101, haproxy_metrics_port="")
+    ports = model(hostvars=hostvars)["hosts"]["lb1"]["ports"]
+    assert (ports["haproxy_frontend"], ports["node_exporter"], ports["haproxy_metrics"]) == (8443, 9101, 8405)
+
+
+@pytest.mark.parametrize("value", ["https", 0, 70000, True])
+def test_a_bad_port_variable_is_named(value):
+    hostvars = copy.deepcopy(HOSTVARS)
+    hostvars["lb2"]["haproxy_peers_port"] = value
+    with pytest.raises(FleetModelError, match="haproxy_peers_port of lb2 is .*; a port is an integer 1-65535"):
+        model(hostvars=hostvars)
+
+
+# --------------------------------------------------------------------------- replicas
+
+def test_multi_node_replica_has_ranks_addresses_and_its_master_port():
+    [llama, bge] = model()["replicas"]
+    assert llama["nodes"] == [{"host": "gpu1", "address": "10.0.1.1", "rank": 0, "gpus": [0, 1]},
+                              {"host": "gpu2", "address": "192.168.1.2", "rank": 1, "gpus": [0, 1]}]
+    assert (llama["head"], llama["address"], llama["nnodes"], llama["master_port"]) == ("gpu1", "10.0.1.1", 2, 29600)
+    assert (bge["nnodes"], bge["master_port"]) == (1, None)
+
+
+def test_multi_node_master_port_defaults_to_the_planners():
+    the_plan = plan(("m/x", [replica("x-0", {"gpu1": [0], "gpu2": [0]}, 2242, "--nnodes", "2")]))
+    assert model(the_plan)["replicas"][0]["master_port"] == PORTS["engine_master"] == 29501
+
+
+@pytest.mark.parametrize(("argv", "served"), [
+    ([], ["m/x"]),
+    (["--served-model-name", "x"], ["x"]),
+    (["--served-model-name", "x", "x-latest"], ["x", "x-latest"]),
+    (["--served-model-name=x"], ["x"]),
+    (["--lora-modules", "sql=/models/sql", "chat=/models/chat"], ["m/x", "sql", "chat"]),
+    (["--served-model-name", "x", "--lora-modules", '{"name": "sql", "path": "/models/sql", "base_model_name": "x"}'],
+     ["x", "sql"]),
+    (["--lora-modules", "x=/a", "--served-model-name", "x"], ["x"]),
+])
+def test_served_names_are_the_engines_names_and_its_adapters(argv, served):
+    [one] = model(plan(("m/x", [replica("x-0", {"gpu1": [0]}, 2242, *argv)])))["replicas"]
+    assert one["served_names"] == served
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("/models/sql", "names no adapter"),
+    ('{"path": "/models/sql"}', "names no adapter"),
+    ('{"name": "sql"', "not valid JSON"),
+])
+def test_bad_lora_modules_are_named(value, message):
+    with pytest.raises(FleetModelError, match=message):
+        lora_names(["--lora-modules", value])
+
+
+def test_served_names_route_at_the_edge_and_list_in_v1_models():
+    the_plan = plan(("m/x", [replica("x-0", {"gpu1": [0]}, 2242, "--served-model-name", "x",
+                                     "--lora-modules", "sql=/models/sql")]))
+    edge = model(the_plan)["loadbalancers"]
+    routes = dict(map(tuple, edge["routes"]))
+    assert routes["chat:x"] == routes["chat:sql"] == routes["completions:sql"] == "be_x"
+    assert "chat:m/x" not in routes
+    assert [m["id"] for m in edge["models"]["data"]] == ["x", "sql"]
+
+
+def test_embedding_model_serves_embeddings_only():
+    bge = model()["replicas"][1]
+    assert bge["endpoints"] == ["embeddings"]
+    assert dict(map(tuple, model()["loadbalancers"]["routes"]))["embeddings"] == "be_bge-m3"
+
+
+def test_endpoint_override_comes_from_the_settings():
+    bge = model(model_endpoints={"BAAI/bge-m3": ["embeddings", "chat"]})["replicas"][1]
+    assert bge["endpoints"] == ["embeddings", "chat"]
+
+
+@pytest.mark.parametrize(("extra", "argv", "settings", "maxconn"), [
+    ({}, [], {}, 256),
+    ({}, [], {"server_maxconn": 32}, 32),
+    ({}, ["--max-num-seqs", "64"], {"server_maxconn": 32}, 64),
+    ({"max_num_seqs": 128}, ["--max-num-seqs", "64"], {}, 128),
+    ({"max_num_seqs": 48}, [], {}, 48),
+])
+def test_maxconn_is_the_plans_concurrency_else_the_argv_else_the_default(extra, argv, settings, maxconn):
+    the_plan = plan(("m/x", [replica("x-0", {"gpu1": [0]}, 2242, *argv, **extra)]))
+    fleet = model(the_plan, **settings)
+    assert fleet["replicas"][0]["maxconn"] == maxconn
+    assert fleet["loadbalancers"]["backends"][0]["servers"][0]["maxconn"] == maxconn
+
+
+@pytest.mark.parametrize(("the_plan", "settings", "message"), [
+    (plan(("m/x", [replica("x-0", {"gpu1": [0]}, 2242, max_num_seqs=0)])), {}, "max_num_seqs in the plan 0"),
+    (plan(("m/x", [replica("x-0", {"gpu1": [0]}, 2242, "--max-num-seqs", "lots")])), {}, "--max-num-seqs 'lots'"),
+    (plan(("m/x", [replica("x-0", {"gpu9": [0]})])), {}, "puts replica x-0 on gpu9, which is not in the inventory"),
+    (plan(("m/x", [replica("x-0", {"gpu1": [0]}, 2242, "--nnodes", "1", "--master-port", "p")])), {},
+     "--master-port 'p'"),
+    ({"deployments": "x"}, {}, "list of deployments"),
+    (PLAN, {"server_maxconn": 0}, "haproxy_server_maxconn must be a positive integer"),
+])
+def test_bad_inputs_are_named(the_plan, settings, message):
+    with pytest.raises(FleetModelError, match=re.escape(message)):
+        model(the_plan, **settings)
+
+
+def test_no_plan_is_a_fleet_without_replicas():
+    fleet = model(None)
+    assert fleet["replicas"] == [] and fleet["loadbalancers"]["backends"] == []
+    assert fleet["monitoring"]["targets"]["aphrodite-engine"] == []
+    assert fleet["plan"] == {"deployments": [], "idle_gpus": {}}
+
+
+# --------------------------------------------------------------------------- load balancers, targets
+
+def test_load_balancers_keep_inventory_order_and_the_vip():
+    edge = model(vip="10.0.0.100")["loadbalancers"]
+    assert edge["members"] == [{"host": "lb2", "address": "10.0.0.12"}, {"host": "lb1", "address": "10.0.0.11"}]
+    assert edge["vip"] == "10.0.0.100"
+    assert [s["address"] for s in edge["backends"][0]["servers"]] == ["10.0.1.1"]
+
+
+def test_the_model_is_the_same_whichever_hosts_a_run_is_limited_to():
+    # --limit never reaches the model: the filter reads the inventory's groups and the
+    # listed variables of every host, never the run's (ansible_limit, play hosts), so one
+    # load balancer's run sees both load balancers, in the same order.
+    from ansible_collections.aphrodite.baremetal.plugins.filter import fleet as fleet_filter
+
+    limited = {host: {**variables, "ansible_limit": "lb1", "ansible_play_hosts": ["lb1"]}
+               for host, variables in HOSTVARS.items()}
+    reordered = {**GROUPS, "all": list(reversed(GROUPS["all"]))}
+    whole = fleet_filter.fleet_model(PLAN, HOSTVARS, GROUPS)
+    assert fleet_filter.fleet_model(PLAN, limited, reordered) == whole
+    assert [m["host"] for m in whole["loadbalancers"]["members"]] == GROUPS["loadbalancers"]
+    assert set(whole["hosts"]) == set(GROUPS["all"])
+
+
+def test_the_filter_takes_the_load_balancers_settings_from_the_first_one():
+    from ansible_collections.aphrodite.baremetal.plugins.filter import fleet as fleet_filter
+
+    hostvars = copy.deepcopy(HOSTVARS)
+    hostvars["lb2"].update(haproxy_server_maxconn="12", aphrodite_vip="10.0.0.100",
+                           haproxy_model_endpoints={"BAAI/bge-m3": ["embeddings", "chat"]})
+    fleet = fleet_filter.fleet_model(PLAN, hostvars, GROUPS)
+    assert fleet["loadbalancers"]["vip"] == "10.0.0.100"
+    assert fleet["replicas"][1]["maxconn"] == 12
+    assert fleet["replicas"][1]["endpoints"] == ["embeddings", "chat"]
+
+
+def test_monitoring_targets_use_the_models_addresses_and_ports():
+    hostvars = copy.deepcopy(HOSTVARS)
+    hostvars["gpu2"].update(monitoring_dcgm_enabled=False)
+    hostvars["lb1"].update(ansible_host="fd00::11", haproxy_metrics_port=9405)
+    targets = model(hostvars=hostvars)["monitoring"]["targets"]
+    assert targets["node"][0] == {"targets": ["10.0.1.1:9100"], "labels": {"instance": "gpu1"}}
+    assert [t["targets"] for t in targets["dcgm"]] == [["10.0.1.1:9400"]]
+    assert targets["haproxy"] == [{"targets": ["[fd00::11]:9405"], "labels": {"instance": "lb1"}},
+                                  {"targets": ["10.0.0.12:8405"], "labels": {"instance": "lb2"}}]
+    assert [t["targets"] for t in targets["tls"]] == [["[fd00::11]:443"], ["10.0.0.12:443"]]
+    assert targets["aphrodite-engine"][1] == {
+        "targets": ["10.0.1.1:2243"],
+        "labels": {"instance": "gpu1:2243", "replica": "bge-0", "model": "BAAI/bge-m3", "host": "gpu1"}}
+    assert targets["alertmanager"] == [{"targets": ["10.0.0.21:9093"], "labels": {"instance": "mon1"}}]
+
+
+def test_the_plan_is_kept_unchanged():
+    assert model()["plan"] == PLAN and model()["version"] == 1
+
+
+# --------------------------------------------------------------------------- one source per port
+
+def _role_defaults(role: str) -> dict:
+    return yaml.safe_load((ROOT / "roles" / role / "defaults" / "main.yml").read_text()) or {}
+
+
+@pytest.mark.parametrize(("service", "variable"), sorted(PORT_VARIABLES.items()))
+def test_each_roles_port_default_is_the_models(service, variable):
+    role = "haproxy" if variable.startswith("haproxy_") else "monitoring"
+    assert _role_defaults(role)[variable] == PORTS[service], (
+        f"roles/{role}/defaults/main.yml sets {variable} to {_role_defaults(role)[variable]}, the fleet model "
+        f"defaults {service} to {PORTS[service]} (_fleet_model.PORTS); make them equal")
+
+
+def test_the_firewalls_fallback_ports_are_the_models():
+    fallbacks = yaml.safe_load((ROOT / "roles" / "firewall" / "vars" / "main.yml").read_text())["__firewall_fallback_openings"]
+    by_variable = {v: s for s, v in PORT_VARIABLES.items()}
+    for declaration in fallbacks:
+        port = declaration.get("port")
+        if isinstance(port, dict) and "var" in port:
+            assert port["default"] == PORTS[by_variable[port["var"]]], declaration["name"]
+    assert {d["name"]: d.get("port") for d in fallbacks}["nfs"] == PORTS["nfs"]
+
+
+# Jinja that works out an address again: reading another host's address variables, or
+# falling back from one to the other.
+_REDERIVED = re.compile(r"(hostvars\[[^\]]+\]\s*(\[\s*['\"]|\.)(aphrodite_bind_address|ansible_host))"
+                        r"|(aphrodite_bind_address\s*\|\s*default)|(default\(\s*ansible_host)")
+
+
+def test_no_role_or_playbook_derives_an_address_again():
+    offenders = []
+    for path in sorted((ROOT / "roles").rglob("*")) + sorted((ROOT / "playbooks").rglob("*")):
+        if path.suffix in (".yml", ".j2") and path.is_file():
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if _REDERIVED.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "read the address from the fleet model instead:\n" + "\n".join(offenders)
+
+
+def test_host_variables_cover_what_the_model_reads():
+    assert set(_fleet_model.ADDRESS_VARIABLES) <= set(_fleet_model.HOST_VARIABLES)
+    assert set(PORT_VARIABLES.values()) <= set(_fleet_model.HOST_VARIABLES)
