@@ -46,8 +46,8 @@ NAMESPACE = "aphrodite.baremetal."
 
 # The tag that selects each playbook of site.yml is its name, but preflight's is plan; the
 # plan and the fast path also run under every other tag, the record only in a complete run.
-STAGE_TAG = {"preflight": "plan"}
-EVERY_TAG = {"preflight", "fast_path"}
+STAGE_TAG = {"preflight": "plan", "fleet_model": "plan"}
+EVERY_TAG = {"preflight", "fleet_model", "fast_path"}
 STAGES = ["plan", "common", "firewall", "gpu_hosts", "storage", "engines", "edge", "monitoring", "verify"]
 
 # Modules that only read (facts, checks, messages, flow).
@@ -178,11 +178,14 @@ class Listed:
         return f"{self.playbook}.yml {self.play!r}: {self.role + ' : ' if self.role else ''}{self.name}"
 
 
-def _site_plays() -> list[tuple[str, str]]:
+def _site_plays(name: str = "site.yml") -> list[tuple[str, str]]:
+    """(playbook, play name) of every play site.yml runs, imports inside a stage expanded."""
     plays = []
-    for entry in yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text()):
-        name = entry["ansible.builtin.import_playbook"]
-        plays += [(Path(name).stem, play["name"]) for play in yaml.safe_load((ROOT / "playbooks" / name).read_text())]
+    for entry in yaml.safe_load((ROOT / "playbooks" / name).read_text()):
+        if "ansible.builtin.import_playbook" in entry:
+            plays += _site_plays(entry["ansible.builtin.import_playbook"])
+        else:
+            plays.append((Path(name).stem, entry["name"]))
     return plays
 
 

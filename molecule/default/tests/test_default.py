@@ -14,7 +14,8 @@ import pytest
 import testinfra
 
 CLIENT_KEY = "test-client-key-51c8e0f2a9d37b64"
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+SERVED = "llama-8b"  # served_model_name: what clients ask for and the engine answers to
+MAX_NUM_SEQS = 64  # engine_args max-num-seqs
 
 
 def _host(name: str):
@@ -88,7 +89,9 @@ def test_each_replica_serves_the_staged_model_with_its_devices(lb, gpu, nfs):
         report = json.loads(lb.check_output(f"curl -sf http://{_address(gpu)}:{port}/lab/report"))
         assert report["cdi_devices"] == [device]
         assert report["model_config_sha256"] == exported
-        assert report["served_model_names"] == [MODEL]
+        assert report["served_model_names"] == [SERVED]
+        argv = report["argv"]
+        assert argv[argv.index("--max-num-seqs") + 1] == str(MAX_NUM_SEQS) and "--enable-prefix-caching" in argv
         assert report["host"] == _address(gpu)
 
 
@@ -104,13 +107,20 @@ def test_a_chat_completion_through_the_edge(lb):
     context = ssl.create_default_context(cadata=ca)
     context.check_hostname = False  # the certificate names the LB's private address and name
     context.minimum_version = ssl.TLSVersion.TLSv1_3
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).encode()
+    body = json.dumps({"model": SERVED, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).encode()
     request = urllib.request.Request(f"https://{_address(lb)}/v1/chat/completions", data=body, method="POST",
                                      headers={"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"})
     with urllib.request.urlopen(request, context=context, timeout=30) as response:
         answer = json.loads(response.read())
     assert response.status == 200
-    assert answer["model"] == MODEL and answer["choices"][0]["message"]["content"]
+    assert answer["model"] == SERVED and answer["choices"][0]["message"]["content"]
+
+
+def test_haproxy_admits_each_replica_its_max_num_seqs(lb):
+    # HAProxy's own view (its Prometheus exporter, also bound to loopback), not its configuration file.
+    metrics = lb.check_output("curl -sf http://127.0.0.1:8405/metrics")
+    limits = re.findall(r'^haproxy_server_limit_sessions\{[^}]*server="llama-3-1-8b-\d+"[^}]*\} (\d+)', metrics, re.M)
+    assert sorted(limits) == [str(MAX_NUM_SEQS)] * 2, limits
 
 
 def test_the_edge_refuses_a_request_without_a_key(lb):
