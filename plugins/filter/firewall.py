@@ -19,6 +19,7 @@ from ansible_collections.aphrodite.baremetal.plugins.module_utils._firewall impo
     nft_rules,
 )
 
+
 def _get(variables: Any, key: str) -> Any:
     try:
         return variables[key]

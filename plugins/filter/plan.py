@@ -24,7 +24,7 @@ def plan_fleet(models: Any, hostvars: Any, groups: Any, inventory_dir: str | Non
     # The CLI (aphrodite-deploy plan) calls the same function on the same hostvars.
     try:
         plan, _gathered = plan_from_hostvars(list(models or []), hostvars, groups, inventory_dir, objective,
-                                              engine_args=engine_args)
+                                             engine_args=engine_args)
     except PlanError as exc:
         raise AnsibleFilterError(str(exc))
     display = Display()

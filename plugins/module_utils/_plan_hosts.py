@@ -20,7 +20,7 @@ Pure Python: no Ansible imports.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from ._plan_input import plan_inventory
 from ._planner import Plan

@@ -165,7 +165,7 @@ def model_request(entry: Mapping[str, Any], groups: Mapping[str, Any], inventory
         resolved = resolve_engine_args(
             fleet_engine_args, entry.get("engine_args"), model_id, str(name) if name else replica_slug(model_id),
             inventory_dir, {"kv_cache_dtype": entry.get("kv_cache_dtype"), "served_model_name": served,
-             "enforce_eager": _bool(entry["enforce_eager"]) if entry.get("enforce_eager") not in (None, "") else None},
+                            "enforce_eager": _bool(entry["enforce_eager"]) if entry.get("enforce_eager") not in (None, "") else None},
         )
     except EngineArgsError as exc:
         raise PlanError(str(exc))
