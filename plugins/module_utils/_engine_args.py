@@ -196,14 +196,15 @@ def _scalar(flag: str, value: Any, where: str) -> str:
     text = str(value)
     if not text:
         raise EngineArgsError(f"{where} sets {flag} to an empty string; give a value or leave {flag} out")
-    if text.startswith("-") and not _is_number(text):
+    if text.startswith("-") and not is_number(text):
         raise EngineArgsError(
             f"{where} sets {flag} to {text!r}; the engine would read a value that starts with - as another flag"
         )
     return text
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
+    """Whether an argv item is a number (a negative one is a value, not a flag)."""
     try:
         float(text)
     except ValueError:

@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ._engine_args import is_rendered_flag
+from ._engine_args import is_number, is_rendered_flag
 from ._engine_flags import APHRODITE_FLAG_KINDS
 from ._capacity import (
     DEFAULT_MIN_CONCURRENCY,
@@ -263,7 +263,7 @@ def build_argv(req: ModelRequest, tp: int, pp: int, max_model_len: int, port: in
             "--master-port", str(master_port or DEFAULT_MASTER_PORT),
         ]
     argv += [str(a) for a in req.engine_args]  # the user's flags, after the planned ones
-    flags = [a for a in argv if a.startswith("-") and not _is_number(a)]
+    flags = [a for a in argv if a.startswith("-") and not is_number(a)]
     unknown = [a for a in flags if not is_rendered_flag(a)]
     secret = [a for a in argv if a in SECRET_FLAGS]
     repeated = sorted({a for a in flags if flags.count(a) > 1 and APHRODITE_FLAG_KINDS.get(a) != "append"})
@@ -273,14 +273,6 @@ def build_argv(req: ModelRequest, tp: int, pp: int, max_model_len: int, port: in
             f"and appear once"
         )
     return tuple(argv)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def node_argv(argv: Any, rank: int) -> list:
