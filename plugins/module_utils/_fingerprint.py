@@ -55,6 +55,10 @@ RUN_VARIABLES = frozenset({
     "ansible_play_role_names", "ansible_play_roles", "ansible_role_name",
     "groups", "group_names", "hostvars", "inventory_hostname_short", "omit", "play_hosts", "playbook_dir",
     "role_name", "role_names", "role_path", "vars", "environment",
+    # Where the preflight gathered a host's GPU facts (a cacheable set_fact): the first run sees
+    # it as a variable, later runs as a cached fact, so counting it would make the second run
+    # differ from the first; the inventory file and the address it records are inputs already.
+    "aphrodite_gpus_origin",
 })
 # The collection's code: what it does with the inputs.
 CODE_DIRS = ("roles", "plugins", "playbooks")
