@@ -54,6 +54,8 @@ def test_stable_facts_keep_what_roles_read_and_drop_what_moves() -> None:
     ("aphrodite_fast_path", False), ("ansible_check_mode", False), ("ansible_run_tags", False),
     ("__engine_replace", False), ("ansible_distribution", False), ("ansible_facts", False), ("omit", False),
     ("playbook_dir", False), ("group_names", False),
+    # set_fact cacheable in preflight: a variable on the first run, a cached fact on the next
+    ("aphrodite_gpus_origin", False),
 ])
 def test_which_variables_are_inputs(name: str, expected: bool) -> None:
     assert fp.is_input_variable(name, {"distribution": "Debian"}) is expected
