@@ -39,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 INVENTORY = ROOT / "inventories" / "lab"
 SECRETS = ROOT / ".lab" / "secrets"
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+MODEL = "llama-8b"  # the lab model's served_model_name (inventories/lab/group_vars/all/models.yml)
 BROKEN = "aphrodite-standin:lab-broken-health"
 # Requests per second through the endpoint: under the lab client key's 60 per minute (customer role).
 # For a heavier load, use the admin key, which has no rate limit:
