@@ -196,7 +196,8 @@ def _replica(model: str, raw: Mapping[str, Any], hosts: Mapping[str, Mapping[str
     except ValueError:
         raise FleetModelError(f"replica {name} of {model} has --master-port {master[0]!r}, not an integer") from None
     executor = _edge.flag_values(argv, "--distributed-executor-backend")
-    served = _edge.served_names(model, argv) + [n for n in lora_names(argv) if n not in _edge.served_names(model, argv)]
+    served = _edge.served_names(model, argv)
+    served += [n for n in lora_names(argv) if n not in served]
     try:
         endpoints = _edge.model_endpoints(model, argv, endpoint_overrides)
     except _edge.EdgeError as exc:
