@@ -46,8 +46,9 @@ lint:
 sanity:
 	scripts/sanity.sh
 
+# Two scenarios at a time, each on its own lab network (scripts/molecule_lanes.py).
 molecule:
-	molecule test --all
+	python scripts/molecule_lanes.py
 
 collection:
 	ansible-galaxy collection build --force --output-path dist .

@@ -14,6 +14,7 @@ Usage::
 
     labctl.py image                 # build the host image if its recipe changed
     labctl.py up [--lab NAME]       # hosts from inventories/lab (or --host ...)
+    labctl.py net --lab NAME --subnet CIDR   # a lab's network and the package cache, no hosts
     labctl.py status [--lab NAME]
     labctl.py down [--lab NAME | --all]
 """
@@ -319,6 +320,11 @@ def lab_gateways() -> list[str]:
     return sorted(found)
 
 
+def _local_addresses() -> list[str]:
+    out = run(["ip", "-4", "-o", "addr", "show"], check=False).stdout.decode()
+    return re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", out)
+
+
 def _cache_pid() -> int | None:
     try:
         pid = int((CACHE_DIR / "run" / "pid").read_text().strip())
@@ -348,8 +354,15 @@ def ensure_package_cache() -> None:
         raise LabError("found no address of this machine on the lab networks (needs `ip`, from iproute2: "
                        "run scripts/bootstrap.sh)")
     binds = CACHE_DIR / "run" / "binds"
-    if _cache_pid() is not None and binds.exists() and binds.read_text().split() == gateways:
-        return
+    # A running cache keeps the gateways it was started with: a listening socket survives its
+    # network being removed and made again with the same gateway.  Restart only for a new one,
+    # and bind the old ones too, so labs running beside this one never see the cache go away
+    # except for that restart (scripts/molecule_lanes.py makes every network before it starts).
+    if _cache_pid() is not None and binds.exists():
+        bound = binds.read_text().split()
+        if set(gateways) <= set(bound):
+            return
+        gateways = sorted(set(gateways) | set(bound) & set(_local_addresses()))
     stop_package_cache()
     for sub in ("conf", "cache", "log", "run"):
         (CACHE_DIR / sub).mkdir(parents=True, exist_ok=True)
@@ -491,6 +504,18 @@ def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     return info
 
 
+def prepare_network(lab: str, subnet: str) -> None:
+    """A lab's network, the shared SSH key and secrets, and the package cache on its gateway.
+
+    What ``up`` would make first; run for every lab before labs start side by side, so none
+    of them makes a key another is using or restarts the cache another is downloading from.
+    """
+    ensure_key()
+    ensure_secrets()
+    ensure_network(lab_names(lab)["network"], subnet, lab)
+    ensure_package_cache()
+
+
 def write_instance_config(path: Path, info: dict) -> None:
     """Molecule's delegated driver reads how to reach each instance from here."""
     import yaml
@@ -596,6 +621,9 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--json", action="store_true", help="print the lab description as JSON")
     p_up.add_argument("--instance-config", metavar="PATH",
                       help="also write Molecule's instance config (how to reach each host)")
+    p_net = sub.add_parser("net", help="make a lab's network (no hosts) and serve the package cache on it")
+    p_net.add_argument("--lab", required=True)
+    p_net.add_argument("--subnet", required=True)
     p_st = sub.add_parser("status", help="list lab hosts")
     p_st.add_argument("--lab")
     p_down = sub.add_parser("down", help="remove hosts, volumes, networks and state")
@@ -626,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 for h in info["hosts"]:
                     print(f"lab: {h['name']:8} {h['address']:15} {','.join(h['groups'])}")
+        elif args.cmd == "net":
+            prepare_network(args.lab, args.subnet)
         elif args.cmd == "status":
             return status(args.lab)
         elif args.cmd == "down":
