@@ -5,6 +5,7 @@ balancers, and what an attacker with a shell could read on them."""
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import os
@@ -443,6 +444,54 @@ def test_rate_limit_is_shared_and_retry_after_is_honest(tls, lab, addresses):
     # A client that obeys Retry-After is served, though it was refused three times meanwhile.
     time.sleep(retry_after)
     assert call(tls, "GET", "/v1/models", key).status == 200
+
+
+def _clear(lab, table: str, key: str) -> None:
+    """What an operator does to reset a key's quota: drop its count on every load balancer."""
+    for name in LBS:
+        runtime_api(lab[name], f"clear table {table} key {key}")
+
+
+def _seconds_to_next_month() -> float:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start = datetime.datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=datetime.timezone.utc)
+    return (start - now).total_seconds()
+
+
+def test_a_monthly_quota_is_exhausted_and_reset(tls, lab):
+    key, limit = KEYS["quota"], 3
+    month = f"{_digest(key)}:{time.strftime('%Y%m', time.gmtime())}"
+    _clear(lab, "st_key_month", month)
+    assert [call(tls, "GET", "/v1/models", key).status for _ in range(limit)] == [200] * limit
+    over = call(tls, "GET", "/v1/models", key)
+    assert over.status == 429
+    assert over.json()["error"]["param"] == "requests_per_month"
+    # Until the first of next month (UTC), when the count starts again.
+    assert abs(int(over.headers["retry-after"]) - _seconds_to_next_month()) <= 2
+    _clear(lab, "st_key_month", month)
+    assert call(tls, "GET", "/v1/models", key).status == 200
+
+
+def test_hourly_and_daily_limits_name_themselves(tls, lab):
+    key = KEYS["hourly"]
+    hour = f"{_digest(key)}:{int(time.time()) // 3600}"
+    day = f"{_digest(key)}:{int(time.time()) // 86400}"
+    _clear(lab, "st_key_hour", hour)
+    _clear(lab, "st_key_day", day)
+    statuses = [call(tls, "GET", "/v1/models", key) for _ in range(3)]
+    assert [r.status for r in statuses] == [200, 200, 429]
+    assert statuses[-1].json()["error"]["param"] == "requests_per_hour"
+    assert abs(int(statuses[-1].headers["retry-after"]) - (3600 - time.time() % 3600)) <= 2
+    # With the hour's count dropped three times, the day's five are spent: the day's end is
+    # the answer, though the hour would allow more.
+    for _ in range(3):
+        _clear(lab, "st_key_hour", hour)
+        assert call(tls, "GET", "/v1/models", key).status == 200
+    _clear(lab, "st_key_hour", hour)
+    over = call(tls, "GET", "/v1/models", key)
+    assert over.status == 429
+    assert over.json()["error"]["param"] == "requests_per_day"
+    assert abs(int(over.headers["retry-after"]) - (86400 - time.time() % 86400)) <= 2
 
 
 def _flood(host, address: str, count: int, key: str | None = None) -> dict:

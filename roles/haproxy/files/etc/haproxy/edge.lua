@@ -1,4 +1,6 @@
--- Reads the "model" field of a JSON request body the way the engine will: the engine's
+-- The edge's Lua: edge_model (a converter) and edge_month_left (a fetch, below).
+--
+-- edge_model reads the "model" field of a JSON request body the way the engine will: the engine's
 -- parser (Python's json) takes the LAST of duplicate keys and decodes escapes in keys
 -- and strings, so a first-match search could route on one model while the engine
 -- serves another.  The converter scans the object's top level and answers:
@@ -124,8 +126,21 @@ local function edge_model(body)
   return 'm' .. model
 end
 
+-- Seconds until the next calendar month begins (UTC): when a monthly quota resets.
+local function edge_month_left()
+  local now = os.time()
+  local today = os.date('!*t', now)
+  local days = ({ 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 })[today.month]
+  if today.month == 2 and (today.year % 4 == 0 and (today.year % 100 ~= 0 or today.year % 400 == 0)) then
+    days = 29
+  end
+  local into_day = today.hour * 3600 + today.min * 60 + today.sec
+  return (days - today.day) * 86400 + 86400 - into_day
+end
+
 if core then
   core.register_converters('edge_model', edge_model)
+  core.register_fetches('edge_month_left', edge_month_left)
 end
 
 return edge_model
