@@ -34,6 +34,9 @@ _POOLING_ARGS = {
     "--convert": {"embed", "classify", "reward"},
 }
 DEFAULT_MAXCONN = 256
+# Request limits per key, each over a fixed window (calendar month in UTC for the last);
+# requests_per_minute is also spelled rate_limit.
+LIMIT_NAMES = ("requests_per_minute", "requests_per_hour", "requests_per_day", "requests_per_month")
 MIN_KEY_LENGTH = 16
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
 _ROLE = re.compile(r"^[a-z][a-z0-9_-]*$")
@@ -209,18 +212,39 @@ def validate_roles(roles: Any, endpoints: Any) -> dict:
         if unknown:
             raise EdgeError(f"haproxy_api_roles.{role}.endpoints names {', '.join(unknown)}; "
                             f"the edge knows {', '.join(known)}")
-        limit = spec.get("rate_limit", 0)
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-            raise EdgeError(f"haproxy_api_roles.{role}.rate_limit is requests per minute per key, "
-                            f"an integer >= 0 (0: unlimited); got {limit!r}")
-        result[role] = {"endpoints": list(dict.fromkeys(allowed)), "rate_limit": limit}
+        limits = _limits(f"haproxy_api_roles.{role}", spec, dict.fromkeys(LIMIT_NAMES, 0))
+        result[role] = {"endpoints": list(dict.fromkeys(allowed)), "rate_limit": limits["requests_per_minute"],
+                        "limits": limits}
     return result
 
 
-def api_key_entries(keys: Any, roles: Mapping[str, Any]) -> list:
-    """``{hash, role, rate_limit, name}`` per client key; the key itself is never returned.
+def _limits(label: str, spec: Mapping[str, Any], defaults: Mapping[str, int]) -> dict:
+    """``defaults`` overridden by ``spec.limits`` and ``spec.rate_limit`` (requests per minute), checked."""
+    chosen = dict(defaults)
+    given = spec.get("limits", {})
+    if not isinstance(given, Mapping):
+        raise EdgeError(f"{label}.limits must be a mapping of {', '.join(LIMIT_NAMES)} to integers >= 0")
+    unknown = sorted(str(name) for name in given if name not in LIMIT_NAMES)
+    if unknown:
+        raise EdgeError(f"{label}.limits names {', '.join(unknown)}; the limits are {', '.join(LIMIT_NAMES)}")
+    if "rate_limit" in spec and "requests_per_minute" in given:
+        raise EdgeError(f"{label} sets both rate_limit and limits.requests_per_minute; keep one")
+    chosen.update(given)
+    if "rate_limit" in spec:
+        chosen["requests_per_minute"] = spec["rate_limit"]
+    for name in LIMIT_NAMES:
+        value = chosen[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            shown = "rate_limit" if name == "requests_per_minute" and "rate_limit" in spec else f"limits.{name}"
+            raise EdgeError(f"{label}.{shown} must be an integer >= 0 ({name.replace('_', ' ')} per key, "
+                            f"0: unlimited); got {value!r}")
+    return chosen
 
-    A key's ``rate_limit`` (requests per minute) overrides its role's.
+
+def api_key_entries(keys: Any, roles: Mapping[str, Any]) -> list:
+    """``{hash, role, rate_limit, limits, name}`` per client key; the key itself is never returned.
+
+    A key's ``limits`` (and ``rate_limit``, requests per minute) override its role's, one by one.
     """
     if not isinstance(keys, (list, tuple)):
         raise EdgeError("haproxy_api_keys must be a list of {name, key, role[, rate_limit]}")
@@ -246,15 +270,16 @@ def api_key_entries(keys: Any, roles: Mapping[str, Any]) -> list:
         if role not in roles:
             raise EdgeError(f"{label} has role {role!r}; the roles are {', '.join(sorted(roles))} "
                             f"(haproxy_api_roles)")
-        limit = item.get("rate_limit", roles[role]["rate_limit"])
-        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-            raise EdgeError(f"{label} has rate_limit {limit!r}; use an integer >= 0 requests per minute "
-                            f"(0: unlimited)")
+        # Roles validated before limits existed carry rate_limit only.
+        role_limits = roles[role].get("limits") or {
+            **dict.fromkeys(LIMIT_NAMES, 0), "requests_per_minute": roles[role]["rate_limit"]}
+        limits = _limits(label, item, role_limits)
         digest = key_hash(key)
         if digest in hashes:
             raise EdgeError(f"API keys {hashes[digest]!r} and {name!r} are the same key; give each client its own")
         hashes[digest] = name
-        entries.append({"hash": digest, "role": role, "rate_limit": limit, "name": name})
+        entries.append({"hash": digest, "role": role, "rate_limit": limits["requests_per_minute"],
+                        "limits": limits, "name": name})
     return entries
 
 

@@ -5,6 +5,7 @@ balancers, and what an attacker with a shell could read on them."""
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 import os
@@ -35,6 +36,8 @@ LB_VARS = GROUP_VARS["loadbalancers"]
 VIP = GROUP_VARS["all"]["aphrodite_vip"]
 KEYS = {k["name"]: k["key"] for k in LB_VARS["haproxy_api_keys"]}
 BURST_LIMIT = next(k["rate_limit"] for k in LB_VARS["haproxy_api_keys"] if k["name"] == "burst")
+SOURCE_LIMITS = LB_VARS["haproxy_source_limits"]
+BODY_CAP = 245760
 ENGINE_KEY = LB_VARS["haproxy_backend_api_key"]
 SECRETS = [*KEYS.values(), ENGINE_KEY, LB_VARS["keepalived_vrrp_password"]]
 PLAN = yaml.safe_load((SCENARIO / "vars" / "plan.yml").read_text())["edge_test_plan"]
@@ -296,12 +299,45 @@ def test_an_endpoint_served_by_one_model_needs_no_model_field(tls):
     assert reply.json()["replica"] == "bge-m3-0"
 
 
-def test_model_field_of_a_large_body(tls):
-    padding = "x" * 300_000
-    first = {"model": "qwen-7b", "messages": [{"role": "user", "content": padding}]}
-    assert call(tls, "POST", "/v1/chat/completions", KEYS["alice"], first).json()["replica"] == "qwen2-5-7b-0"
-    last = json.dumps({"messages": [{"role": "user", "content": padding}], "model": "qwen-7b"}).encode()
-    assert call(tls, "POST", "/v1/chat/completions", KEYS["alice"], last).status == 413
+def test_a_body_is_read_whole_up_to_its_cap(tls, lab):
+    padding = "x" * (BODY_CAP - 1000)
+    last = {"messages": [{"role": "user", "content": padding}], "model": "qwen-7b"}
+    assert call(tls, "POST", "/v1/chat/completions", KEYS["alice"], last).json()["replica"] == "qwen2-5-7b-0"
+    since = time.time()
+    over = {"model": "qwen-7b", "messages": [{"role": "user", "content": "x" * BODY_CAP}]}
+    # Refused by its announced length before any key is read, and once read (chunked).
+    for key, body in ((None, over), (KEYS["alice"], iter([json.dumps(over).encode()]))):
+        reply = call(tls, "POST", "/v1/chat/completions", key, body)
+        assert reply.status == 413, reply.body[:200]
+        assert str(BODY_CAP) in reply.json()["error"]["message"]
+        assert "strict-transport-security" in reply.headers
+    assert standin_log(lab, since) == []
+
+
+# The engine (Python's json) takes the last of duplicate keys and decodes escapes in them.
+@pytest.mark.parametrize(("case", "body", "message"), [
+    ("two model keys", '{"model":"qwen-7b","input":"x","model":"BAAI/bge-m3"}', "more than one model"),
+    ("an escaped second key", '{"model":"BAAI/bge-m3","input":"x","mod\\u0065l":"qwen-7b"}', "more than one model"),
+    ("a model that is no string", '{"model":["qwen-7b"],"input":"x"}', "must be a string"),
+    ("not an object", '[{"model":"qwen-7b"}]', "not one complete JSON object"),
+    ("cut off", '{"model":"qwen-7b","input":"x"', "not one complete JSON object"),
+    ("two objects", '{"model":"qwen-7b"}{"model":"BAAI/bge-m3"}', "not one complete JSON object"),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+def test_a_model_field_the_edge_cannot_read_as_the_engine_is_refused(tls, lab, path, case, body, message):
+    since = time.time()
+    reply = call(tls, "POST", path, KEYS["ops"], body.encode())
+    assert reply.status == 400, (case, reply.body[:200])
+    assert message in reply.json()["error"]["message"], case
+    assert "strict-transport-security" in reply.headers
+    assert standin_log(lab, since) == []
+
+
+def test_an_escaped_model_name_is_read_as_the_engine_reads_it(tls):
+    reply = call(tls, "POST", "/v1/chat/completions", KEYS["alice"],
+                 b'{"messages":[{"role":"user","content":"hi"}],"model":"qwen\\u002d7b","max_tokens":1}')
+    assert reply.status == 200, reply.body[:200]
+    assert reply.json()["replica"] == "qwen2-5-7b-0"
 
 
 def test_streaming_is_not_buffered(tls):
@@ -365,32 +401,219 @@ def test_drain_entry_point_takes_a_replica_out_and_back(tls, lab):
 
 
 # --------------------------------------------------------------------------- rate limits
-def _rate(host, key: str) -> int:
-    digest = hashlib.sha256(key.encode()).hexdigest().upper()
-    line = runtime_api(host, f"show table st_api_keys key {digest}")
+def _count(host, table: str, key: str) -> int:
+    """Requests let through in the current minute (fixed windows, ``<key>:<minute>``)."""
+    line = runtime_api(host, f"show table {table} key {key}:{int(time.time()) // 60}")
     for part in line.split():
-        if part.startswith("http_req_rate("):
+        if part.startswith("gpc0="):
             return int(part.split("=")[1])
     return 0
 
 
-def test_rate_limit_is_shared_by_both_load_balancers(tls, lab, addresses):
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest().upper()
+
+
+def _fresh_minute(margin: float = 12) -> None:
+    """Start a burst early enough in a minute that it does not straddle two."""
+    if 60 - time.time() % 60 < margin:
+        time.sleep(60 - time.time() % 60 + 0.2)
+
+
+def test_rate_limit_is_shared_and_retry_after_is_honest(tls, lab, addresses):
     key = KEYS["burst"]
-    # The counter covers the last minute; start from a quiet key.
-    assert wait_for(lambda: _rate(lab["edge-lb1"], key) == 0, 75, 5), "the burst key was used in the last minute"
-    first = BURST_LIMIT - 2
+    _fresh_minute()
+    used = _count(lab["edge-lb1"], "st_api_keys", _digest(key))
+    first = BURST_LIMIT - used - 2
     for _ in range(first):
         assert call(tls, "GET", "/v1/models", key, address=addresses["edge-lb1"]).status == 200
     # lb2 learns lb1's count through peers.
-    assert wait_for(lambda: _rate(lab["edge-lb2"], key) >= first, 5)
+    assert wait_for(lambda: _count(lab["edge-lb2"], "st_api_keys", _digest(key)) >= BURST_LIMIT - 2, 5)
     assert [call(tls, "GET", "/v1/models", key, address=addresses["edge-lb2"]).status for _ in range(2)] == [200, 200]
-    over = call(tls, "GET", "/v1/models", key, address=addresses["edge-lb2"])
-    assert over.status == 429
-    assert int(over.headers["retry-after"]) > 0
-    assert over.json()["error"]["type"] == "rate_limit_error"
+    refused = [call(tls, "GET", "/v1/models", key, address=addresses["edge-lb2"]) for _ in range(3)]
+    assert [r.status for r in refused] == [429] * 3
+    over = refused[-1]
+    retry_after = int(over.headers["retry-after"])
+    # The next request passes when the minute turns: that is what Retry-After says.
+    assert abs(retry_after - (60 - time.time() % 60)) <= 2
+    error = over.json()["error"]
+    assert (error["type"], error["param"]) == ("rate_limit_error", "requests_per_minute")
     assert "strict-transport-security" in over.headers
     # The limit is per key: another customer is not affected.
     assert call(tls, "GET", "/v1/models", KEYS["alice"], address=addresses["edge-lb2"]).status == 200
+    # A client that obeys Retry-After is served, though it was refused three times meanwhile.
+    time.sleep(retry_after)
+    assert call(tls, "GET", "/v1/models", key).status == 200
+
+
+def _clear(lab, table: str, key: str) -> None:
+    """What an operator does to reset a key's quota: drop its count on every load balancer."""
+    for name in LBS:
+        runtime_api(lab[name], f"clear table {table} key {key}")
+
+
+def _seconds_to_next_month() -> float:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    start = datetime.datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=datetime.timezone.utc)
+    return (start - now).total_seconds()
+
+
+def test_a_monthly_quota_is_exhausted_and_reset(tls, lab):
+    key, limit = KEYS["quota"], 3
+    month = f"{_digest(key)}:{time.strftime('%Y%m', time.gmtime())}"
+    _clear(lab, "st_key_month", month)
+    assert [call(tls, "GET", "/v1/models", key).status for _ in range(limit)] == [200] * limit
+    over = call(tls, "GET", "/v1/models", key)
+    assert over.status == 429
+    assert over.json()["error"]["param"] == "requests_per_month"
+    # Until the first of next month (UTC), when the count starts again.
+    assert abs(int(over.headers["retry-after"]) - _seconds_to_next_month()) <= 2
+    _clear(lab, "st_key_month", month)
+    assert call(tls, "GET", "/v1/models", key).status == 200
+
+
+def test_hourly_and_daily_limits_name_themselves(tls, lab):
+    key = KEYS["hourly"]
+    hour = f"{_digest(key)}:{int(time.time()) // 3600}"
+    day = f"{_digest(key)}:{int(time.time()) // 86400}"
+    _clear(lab, "st_key_hour", hour)
+    _clear(lab, "st_key_day", day)
+    statuses = [call(tls, "GET", "/v1/models", key) for _ in range(3)]
+    assert [r.status for r in statuses] == [200, 200, 429]
+    assert statuses[-1].json()["error"]["param"] == "requests_per_hour"
+    assert abs(int(statuses[-1].headers["retry-after"]) - (3600 - time.time() % 3600)) <= 2
+    # With the hour's count dropped three times, the day's five are spent: the day's end is
+    # the answer, though the hour would allow more.
+    for _ in range(3):
+        _clear(lab, "st_key_hour", hour)
+        assert call(tls, "GET", "/v1/models", key).status == 200
+    _clear(lab, "st_key_hour", hour)
+    over = call(tls, "GET", "/v1/models", key)
+    assert over.status == 429
+    assert over.json()["error"]["param"] == "requests_per_day"
+    assert abs(int(over.headers["retry-after"]) - (86400 - time.time() % 86400)) <= 2
+
+
+def _flood(host, address: str, count: int, key: str | None = None) -> dict:
+    """``count`` requests from a lab host over one keep-alive connection: status -> how many."""
+    script = (
+        "import http.client, json, ssl, sys\n"
+        "ctx = ssl._create_unverified_context()\n"
+        "headers = {'Authorization': 'Bearer ' + sys.argv[3]} if len(sys.argv) > 3 else {}\n"
+        "seen = {}\nconn = None\n"
+        "for _ in range(int(sys.argv[2])):\n"
+        "    conn = conn or http.client.HTTPSConnection(sys.argv[1], 443, context=ctx, timeout=10)\n"
+        "    try:\n"
+        "        conn.request('GET', '/v1/models', headers=headers)\n"
+        "        reply = conn.getresponse(); reply.read(); status = reply.status\n"
+        "        if reply.getheader('Connection', '').lower() == 'close': conn.close(); conn = None\n"
+        "    except OSError:\n"
+        "        status = 'closed'; conn = None\n"
+        "    seen[status] = seen.get(status, 0) + 1\n"
+        "print(json.dumps(seen))\n")
+    argv = [address, str(count)] + ([key] if key else [])
+    return json.loads(host.check_output(f"python3 -c {_quote(script)} " + " ".join(_quote(a) for a in argv)))
+
+
+def test_a_keyless_flood_is_throttled_while_keyed_clients_are_served(tls, lab, addresses):
+    limit = SOURCE_LIMITS["requests_per_minute"]
+    _fresh_minute(20)
+    attacker = lab["edge-gpu2"]
+    # Refused requests do not count: exactly the limit reached the key check.
+    assert _flood(attacker, VIP, limit + 20) == {"401": limit, "429": 20}
+    # The flooding address is refused even with a key; others are served meanwhile.
+    assert _flood(attacker, VIP, 1, KEYS["alice"]) == {"429": 1}
+    assert chat(tls).status == 200
+    assert call(tls, "GET", "/v1/models", KEYS["alice"]).status == 200
+
+
+def test_a_connection_flood_is_cut_per_address(tls, lab):
+    limit = SOURCE_LIMITS["connections_per_minute"]
+    script = (
+        "import socket, ssl, sys\n"
+        "for _ in range(int(sys.argv[2])):\n"
+        "    try:\n"
+        "        socket.create_connection((sys.argv[1], 443), timeout=5).close()\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "ctx = ssl._create_unverified_context()\n"
+        "try:\n"
+        "    ctx.wrap_socket(socket.create_connection((sys.argv[1], 443), timeout=5)).close(); print('served')\n"
+        "except OSError:\n"
+        "    print('cut')\n")
+    out = lab["edge-gpu2"].check_output(f"python3 -c {_quote(script)} {VIP} {limit + 10}")
+    assert out.strip() == "cut"
+    # Another address is not affected.
+    assert chat(tls).status == 200
+
+
+# --------------------------------------------------------------------------- logs
+def test_no_query_string_is_logged_or_forwarded(tls, lab):
+    since = time.time()
+    marker = f"models-probe-{int(since)}"
+    secret = KEYS["alice"]
+    assert call(tls, "GET", f"/v1/{marker}?api_key={secret}").status == 401
+    reply = call(tls, "POST", f"/v1/chat/completions?api_key={secret}&x=1", KEYS["alice"],
+                 {"model": "qwen-7b", "messages": [], "max_tokens": 1})
+    assert reply.status == 200
+    # The engine saw the path only.
+    assert [e["path"] for e in standin_log(lab, since)] == ["/v1/chat/completions"]
+    # HAProxy logged both requests, each without its query string.
+    holder = vip_holders(lab)[0]
+    with lab[holder].sudo():
+        journal = lab[holder].check_output(f"journalctl --no-pager --since @{int(since) - 1} -o cat")
+    lines = [line for line in journal.splitlines() if marker in line or "/v1/chat/completions" in line]
+    assert any(marker in line for line in lines), journal[-2000:]
+    assert any('"POST /v1/chat/completions HTTP/1.1" key="alice"' in line for line in lines), journal[-2000:]
+    assert not any(secret in line or "api_key" in line for line in journal.splitlines())
+
+
+# --------------------------------------------------------------------------- HAProxy's own errors
+def test_every_error_the_edge_sends_carries_the_security_headers(tls, lab):
+    # Its own 400, 413 before authentication, and 503 when no engine of a model is up.
+    bad = call(tls, "POST", "/v1/chat/completions", KEYS["alice"], b"not json")
+    assert bad.status == 400
+    too_large = call(tls, "POST", "/v1/chat/completions", None, b"{" + b" " * BODY_CAP + b"}")
+    assert too_large.status == 413
+    flag = "/run/edge-standin/8002.down"
+    with lab["edge-gpu2"].sudo():
+        lab["edge-gpu2"].check_output(f"touch {flag}")
+    try:
+        assert wait_for(lambda: all(server_states(lab[lb])["be_qwen2-5-7b-instruct/qwen2-5-7b-0"]["status"] == "DOWN"
+                                    for lb in LBS), 20)
+        unavailable = chat(tls, "qwen-7b")
+    finally:
+        with lab["edge-gpu2"].sudo():
+            lab["edge-gpu2"].check_output(f"rm -f {flag}")
+        assert wait_for(lambda: all(server_states(lab[lb])["be_qwen2-5-7b-instruct/qwen2-5-7b-0"]["status"] == "UP"
+                                    for lb in LBS), 20)
+    assert unavailable.status == 503
+    assert unavailable.json()["error"]["code"] == 503
+    for reply in (bad, too_large, unavailable):
+        for header in SECURITY_HEADERS:
+            assert header in reply.headers, (reply.status, header)
+        assert reply.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBroken header line\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n",
+])
+def test_a_request_haproxy_cannot_parse_gets_no_answer_without_the_headers(tls, request_bytes):
+    answer = b""
+    with socket.create_connection((VIP, 443), timeout=15) as raw:
+        with tls.wrap_socket(raw, server_hostname=VIP) as conn:
+            try:
+                conn.sendall(request_bytes)
+                while chunk := conn.recv(65536):
+                    answer += chunk
+            except (ConnectionError, ssl.SSLError):
+                pass  # closed while still sending: no answer either
+    # The connection layer answers these with a built-in page no header rule reaches; the
+    # edge closes the connection instead.
+    head = answer.split(b"\r\n\r\n")[0].lower()
+    assert answer == b"" or b"strict-transport-security" in head, answer[:300]
 
 
 # --------------------------------------------------------------------------- operations

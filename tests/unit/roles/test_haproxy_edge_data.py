@@ -155,7 +155,9 @@ def test_filter_reads_only_the_variables_the_model_needs():
 def test_roles_expand_the_wildcard():
     roles = _edge.validate_roles(ROLES, ENDPOINTS)
     assert roles["admin"]["endpoints"] == ENDPOINTS
-    assert roles["customer"] == {"endpoints": ["chat", "completions", "models"], "rate_limit": 60}
+    assert roles["customer"] == {"endpoints": ["chat", "completions", "models"], "rate_limit": 60,
+                                 "limits": {"requests_per_minute": 60, "requests_per_hour": 0,
+                                            "requests_per_day": 0, "requests_per_month": 0}}
 
 
 @pytest.mark.parametrize(("roles", "message"), [
@@ -165,6 +167,13 @@ def test_roles_expand_the_wildcard():
     ({"customer": {"endpoints": []}}, "non-empty list"),
     ({"customer": {"endpoints": ["chat"], "rate_limit": -1}}, "integer >= 0"),
     ({"customer": {"endpoints": ["chat"], "rate_limit": "60/min"}}, "requests per minute"),
+    ({"customer": {"endpoints": ["chat"], "limits": {"requests_per_week": 5}}},
+     "names requests_per_week; the limits are requests_per_minute, requests_per_hour"),
+    ({"customer": {"endpoints": ["chat"], "limits": {"requests_per_month": "1M"}}},
+     r"customer.limits.requests_per_month must be an integer >= 0 \(requests per month"),
+    ({"customer": {"endpoints": ["chat"], "limits": [1]}}, "limits must be a mapping"),
+    ({"customer": {"endpoints": ["chat"], "rate_limit": 5, "limits": {"requests_per_minute": 6}}},
+     "both rate_limit and limits.requests_per_minute"),
 ])
 def test_bad_roles_are_named(roles, message):
     with pytest.raises(_edge.EdgeError, match=message):
@@ -178,9 +187,22 @@ def test_key_entries_hold_the_upper_case_sha256_and_never_the_key():
                                      {"name": "ops", "key": "sk-admin-0123456789abcd", "role": "admin",
                                       "rate_limit": 5}], roles)
     assert entries[0] == {"hash": hashlib.sha256(key.encode()).hexdigest().upper(), "role": "customer",
-                          "rate_limit": 60, "name": "alice"}
+                          "rate_limit": 60, "name": "alice",
+                          "limits": {"requests_per_minute": 60, "requests_per_hour": 0,
+                                     "requests_per_day": 0, "requests_per_month": 0}}
     assert entries[1]["rate_limit"] == 5
     assert key not in repr(entries)
+
+
+def test_a_key_overrides_its_roles_limits_one_by_one():
+    roles = _edge.validate_roles({"customer": {"endpoints": ["chat"], "rate_limit": 60,
+                                               "limits": {"requests_per_day": 1000, "requests_per_month": 20000}}},
+                                 ENDPOINTS)
+    [entry] = _edge.api_key_entries([{"name": "trial", "key": "sk-test-0123456789abcdef", "role": "customer",
+                                      "limits": {"requests_per_month": 100, "requests_per_hour": 50}}], roles)
+    assert entry["limits"] == {"requests_per_minute": 60, "requests_per_hour": 50,
+                               "requests_per_day": 1000, "requests_per_month": 100}
+    assert entry["rate_limit"] == 60
 
 
 @pytest.mark.parametrize(("keys", "message"), [
@@ -190,7 +212,10 @@ def test_key_entries_hold_the_upper_case_sha256_and_never_the_key():
     ([{"name": "a", "key": "short", "role": "customer"}], "at least 16 characters"),
     ([{"name": "a", "key": "sk-test 0123456789abcdef", "role": "customer"}], "without white space"),
     ([{"name": "a", "key": "sk-test-0123456789abcdef", "role": "root"}], "role 'root'; the roles are admin, customer"),
-    ([{"name": "a", "key": "sk-test-0123456789abcdef", "role": "customer", "rate_limit": "5"}], "rate_limit '5'"),
+    ([{"name": "a", "key": "sk-test-0123456789abcdef", "role": "customer", "rate_limit": "5"}],
+     "API key 'a'.rate_limit must be an integer >= 0 .*got '5'"),
+    ([{"name": "a", "key": "sk-test-0123456789abcdef", "role": "customer", "limits": {"requests_per_day": -1}}],
+     "API key 'a'.limits.requests_per_day must be an integer >= 0"),
     ([{"name": "a", "key": "sk-test-0123456789abcdef", "role": "customer"},
       {"name": "a", "key": "sk-test-0123456789abcdeg", "role": "customer"}], "two API keys are named 'a'"),
     ([{"name": "a", "key": "sk-test-0123456789abcdef", "role": "customer"},
