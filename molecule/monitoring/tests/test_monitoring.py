@@ -310,10 +310,11 @@ def _notified(lb, since: float, status: str) -> dict:
 
 
 def _record(what: str, seconds: float) -> None:
-    """Measured delays, kept beside Molecule's state for whoever reads the run."""
-    directory = os.environ.get("MOLECULE_EPHEMERAL_DIRECTORY")
-    if directory:
-        with open(Path(directory) / "alert-delivery.txt", "a", encoding="utf-8") as out:
+    """Measured delays, appended to the file APHRODITE_TEST_TIMINGS names, when it does
+    (Molecule prunes its own state directory after the run)."""
+    path = os.environ.get("APHRODITE_TEST_TIMINGS")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
             out.write(f"{what}: {seconds:.1f} s\n")
 
 
