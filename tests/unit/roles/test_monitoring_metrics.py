@@ -82,8 +82,12 @@ HAPROXY_METRICS = {
 BLACKBOX_METRICS = {"probe_success", "probe_duration_seconds", "probe_ssl_earliest_cert_expiry",
                     "probe_ssl_last_chain_expiry_timestamp_seconds", "probe_tls_version_info"}
 PROMETHEUS_METRICS = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
+# The node exporter's filesystem collector (node_exporter collector/filesystem_common.go).
+NODE_METRICS = {"node_filesystem_avail_bytes", "node_filesystem_size_bytes", "node_filesystem_free_bytes",
+                "node_filesystem_readonly", "node_filesystem_files", "node_filesystem_files_free",
+                "node_filesystem_device_error"}
 
-KNOWN = ENGINE_METRICS | DCGM_METRICS | HAPROXY_METRICS | BLACKBOX_METRICS | PROMETHEUS_METRICS
+KNOWN = ENGINE_METRICS | DCGM_METRICS | HAPROXY_METRICS | BLACKBOX_METRICS | PROMETHEUS_METRICS | NODE_METRICS
 
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
              "and", "or", "unless", "inf", "nan"}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,13 +17,17 @@ ROLE = ROOT / "roles" / "monitoring"
 TEMPLATE = ROLE / "templates" / "etc" / "prometheus" / "rules" / "aphrodite.rules.yml.j2"
 RULE_TESTS = sorted((ROLE / "files" / "tests").glob("*.yml"))
 DEFAULTS = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+# The role's per-alert durations; monitoring_alert_for (empty by default) overrides them.
+ALERT_FOR = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())["__monitoring_alert_for_defaults"]
 
 
 def render(**overrides) -> str:
     """The rules file as the template module writes it (trim_blocks, like Ansible)."""
     env = jinja2.Environment(trim_blocks=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["comment"] = lambda text: "#\n# " + text + "\n#"
-    return env.from_string(TEMPLATE.read_text()).render(ansible_managed="Ansible managed", **{**DEFAULTS, **overrides})
+    variables = {**DEFAULTS, **overrides}
+    variables["__monitoring_alert_for"] = {**ALERT_FOR, **variables["monitoring_alert_for"]}
+    return env.from_string(TEMPLATE.read_text()).render(ansible_managed="Ansible managed", **variables)
 
 
 def _rules(text: str) -> dict:
@@ -79,7 +84,8 @@ def test_the_issues_alerts_are_all_there():
     assert set(_rules(render())) >= {
         "AphroditeReplicaDown", "AphroditeLBBackendDown", "AphroditeKVCacheNearlyFull",
         "AphroditeRequestsWaitingGrowing", "AphroditeTTFTHigh", "AphroditeGPUXidError",
-        "AphroditeGPUTemperatureHigh", "AphroditeTLSCertificateExpiring"}
+        "AphroditeGPUTemperatureHigh", "AphroditeTLSCertificateExpiring", "AphroditeDiskNearlyFull",
+        "AphroditeExporterDown"}
 
 
 def test_kv_cache_alert_is_above_90_percent_for_5_minutes_by_default():
@@ -94,6 +100,7 @@ def test_kv_cache_alert_is_above_90_percent_for_5_minutes_by_default():
     ("monitoring_alert_waiting_requests", 32, "AphroditeRequestsWaitingGrowing", "> 32"),
     ("monitoring_alert_gpu_temperature_celsius", 80, "AphroditeGPUTemperatureHigh", "> 80"),
     ("monitoring_alert_cert_expiry_days", 30, "AphroditeTLSCertificateExpiring", "< 30 * 86400"),
+    ("monitoring_alert_disk_free_ratio", 0.2, "AphroditeDiskNearlyFull", "< 0.2"),
 ])
 def test_thresholds_come_from_variables(variable, value, alert, fragment):
     assert fragment in _rules(render(**{variable: value}))[alert]["expr"]
@@ -105,3 +112,29 @@ def test_every_alert_says_what_is_wrong_and_how_bad(alert):
     rule = _rules(render())[alert]
     assert rule["labels"]["severity"] in {"critical", "warning", "none"}
     assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_every_alert_with_a_duration_has_one_in_the_roles_table():
+    """__monitoring_alert_for_defaults names exactly the alerts that wait before firing."""
+    waiting = {name for name, rule in _rules(render()).items() if "for" in rule}
+    assert waiting == set(ALERT_FOR)
+
+
+def test_an_alert_duration_overrides_only_its_alert_and_reaches_the_description():
+    rules = _rules(render(monitoring_alert_for={"AphroditeReplicaDown": "20s"}))
+    assert rules["AphroditeReplicaDown"]["for"] == "20s"
+    assert "for 20s" in rules["AphroditeReplicaDown"]["annotations"]["description"]
+    assert rules["AphroditeLBServerDown"]["for"] == ALERT_FOR["AphroditeLBServerDown"]
+
+
+def _seconds(duration: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([smh])", duration))
+
+
+def test_a_stopped_replica_is_delivered_within_3_minutes_with_the_defaults():
+    """Worst case from the stop to Alertmanager sending it: the scrape that fails, the
+    evaluation that sees it, the rule's for:, the route's group_wait."""
+    worst = (_seconds(DEFAULTS["monitoring_scrape_interval"]) + _seconds(DEFAULTS["monitoring_evaluation_interval"])
+             + _seconds(ALERT_FOR["AphroditeReplicaDown"]) + _seconds(DEFAULTS["monitoring_alertmanager_route"]["group_wait"]))
+    assert worst <= 170, f"{worst} s leaves no margin under 3 minutes"
