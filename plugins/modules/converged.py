@@ -19,7 +19,7 @@ description:
     that host; any difference (a new input, an edited file, a stopped service, a removed
     container, a flushed rule set) sends the host through every task again.
   - One call reads everything, so checking a converged host costs one round trip.
-  - V(state=probe) is that round trip in C(site.yml): it gathers the facts the roles read
+  - V(state=probe) is that round trip in C(site.yml). It gathers the facts the roles read
     (O(gather_subset)), the GPU facts (O(gpus), as M(aphrodite.baremetal.gpu_facts) does) and the
     snapshot, and returns what the record holds. The controller then fingerprints the run's
     inputs from those facts and decides without another call (the
@@ -45,13 +45,13 @@ options:
       - V(check) compares, and changes nothing.
       - V(record) takes the snapshot and writes it with the fingerprint to O(path) (mode 0600).
         It reports a change only when the snapshot or the fingerprint differ from the recorded ones.
-    type: str
       - V(probe) changes nothing either. It returns the facts of O(gather_subset) (and the GPU facts
         with O(gpus)) as C(ansible_facts), marked as gathered, so plays with C(gather_facts) under
         C(gathering = smart) do not gather them again. It compares a fresh snapshot with the recorded
         one (RV(drift)) and returns the recorded fingerprint and inputs, so the controller can compare
         this run's inputs with them once it has every host's facts. O(fingerprint) and O(inputs) are
         not used.
+    type: str
     choices: [check, record, probe]
     default: check
   fingerprint:
