@@ -65,11 +65,15 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- the fleet
-def fleet(size: int) -> list[tuple[str, str]]:
-    gpus = size - len(FIXED_HOSTS)
+def fleet(size: int, gpu_max: int | None = None) -> list[tuple[str, str]]:
+    """The fleet of ``size`` hosts: the fixed ones, then GPU nodes; past ``gpu_max`` hosts,
+    hosts of no service group (``nodes``: base layer, firewall and node exporter only)."""
+    gpu_max = size if gpu_max is None else min(size, gpu_max)
+    gpus = gpu_max - len(FIXED_HOSTS)
     if gpus < 1:
         raise BenchError(f"a fleet of {size} hosts leaves no GPU node: give at least {len(FIXED_HOSTS) + 1}")
-    return FIXED_HOSTS + [(f"bench-gpu{i:02d}", "gpu_nodes") for i in range(1, gpus + 1)]
+    return (FIXED_HOSTS + [(f"bench-gpu{i:02d}", "gpu_nodes") for i in range(1, gpus + 1)]
+            + [(f"bench-node{i:02d}", "nodes") for i in range(1, size - gpu_max + 1)])
 
 
 def lab_up(hosts: list[tuple[str, str]]) -> dict:
@@ -165,6 +169,7 @@ def playbook(path: Path, label: str, extra: list[str] | None = None, env_extra: 
         raise BenchError(f"{path.name} ({label}) failed: see {log_path}")
     report = json.loads(out.read_text())
     report["wall"] = round(wall, 2)
+    out.write_text(json.dumps(report, indent=1))  # with its wall time, for --resume-at
     report["changed_total"] = sum(r["changed"] for r in report["recap"].values())
     log(f"{label}: {wall:6.1f} s, changed={report['changed_total']}, {len(report['recap'])} hosts")
     return report
@@ -194,6 +199,21 @@ def slowest(reports: list[dict], count: int = 10) -> list[dict]:
 
 
 FULL = ["-e", "aphrodite_fast_path=false"]
+
+
+def earlier(label: str) -> dict:
+    """The report of one run of an earlier, interrupted benchmark (its wall time added as playbook() does)."""
+    path = RUNS / f"{label}.json"
+    if not path.is_file():
+        raise BenchError(f"--resume-at: no {path} (the earlier run did not get that far)")
+    report = json.loads(path.read_text())
+    if "wall" not in report:  # written by a version that logged wall times only: walls.json from its log
+        walls = RUNS / "walls.json"
+        report["wall"] = json.loads(walls.read_text())[label] if walls.is_file() else None
+    if report["wall"] is None:
+        raise BenchError(f"--resume-at: no wall time for {label} (in {path} or {RUNS / 'walls.json'})")
+    report["changed_total"] = sum(r["changed"] for r in report["recap"].values())
+    return report
 
 
 def mitogen_env() -> dict:
@@ -235,7 +255,11 @@ def report(results: dict, markdown: bool) -> str:
     rows = [(f"fresh converge, {sizes[0]} hosts", fig["fresh_converge"])]
     for i, size in enumerate(sizes):
         if i:
-            rows.append((f"add {size - sizes[i - 1]} GPU nodes ({size} hosts; every host runs every task)", fig[f"grow_{size}"]))
+            gpu_max = results.get("gpu_max") or size
+            gpus = max(0, min(size, gpu_max) - sizes[i - 1])
+            plain = size - max(gpu_max, sizes[i - 1]) if size > gpu_max else 0
+            added = " and ".join(([f"{gpus} GPU nodes"] if gpus else []) + ([f"{plain} hosts of no service group"] if plain else []))
+            rows.append((f"add {added} ({size} hosts; every host runs every task)", fig[f"grow_{size}"]))
         rows += [
             (f"facts-only play, {size} hosts", fig[f"facts_{size}"]),
             (f"no-op re-run, {size} hosts", fig[f"noop_{size}"]),
@@ -290,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mitogen", action="store_true",
                         help="also the first fleet's fast-path-off re-runs under Mitogen (pip install mitogen)")
     parser.add_argument("--keep", action="store_true", help="leave the bench lab up afterwards")
+    parser.add_argument("--gpu-max", type=int, metavar="N",
+                        help="grow past N hosts with hosts of no service group instead of GPU nodes (cheaper to converge)")
+    parser.add_argument("--resume-at", type=int, metavar="N",
+                        help="the bench lab is up and converged at N hosts, one of --sizes, and .lab/bench_runs holds an "
+                             "earlier run's reports up to N (an interrupted run): take those, measure only the larger sizes")
     args = parser.parse_args(argv)
     try:
         sizes = [int(x) for x in args.sizes.split(",")]
@@ -304,10 +333,13 @@ def main(argv: list[str] | None = None) -> int:
             mitogen_env()
         except BenchError as exc:
             parser.error(str(exc))
-    lab_down()
-    shutil.rmtree(RUNS, ignore_errors=True)
+    if args.resume_at is not None and args.resume_at not in sizes:
+        parser.error("--resume-at must be one of --sizes")
+    if args.resume_at is None:
+        lab_down()
+        shutil.rmtree(RUNS, ignore_errors=True)
     try:
-        RUNS.mkdir(parents=True)
+        RUNS.mkdir(parents=True, exist_ok=True)
         facts = facts_playbook()
         started = time.monotonic()
         figures: dict = {}
@@ -315,8 +347,21 @@ def main(argv: list[str] | None = None) -> int:
         mem: dict = {}
         fresh = None
         for i, size in enumerate(sizes):
+            if args.resume_at is not None and size <= args.resume_at:
+                log(f"{size} hosts: the reports of an earlier run")
+                if i == 0:
+                    fresh = earlier(f"{size}-fresh")
+                    figures["fresh_converge"] = summary([fresh["wall"]])
+                else:
+                    figures[f"grow_{size}"] = summary([earlier(f"{size}-grow")["wall"]])
+                runs[size] = {kind: [earlier(f"{size}-{kind}-{n}") for n in range(1, args.repeat + 1)]
+                              if kind in ("facts", "noop") else [] for kind in ("facts", "noop", "full", "mitogen")}
+                mem[size] = json.loads((RUNS / f"memory-{size}.json").read_text())
+                for kind in ("facts", "noop"):
+                    figures[f"{kind}_{size}"] = summary([r["wall"] for r in runs[size][kind]])
+                continue
             log(f"bringing up {size} hosts")
-            write_inventory(lab_up(fleet(size)))
+            write_inventory(lab_up(fleet(size, args.gpu_max)))
             converge = playbook(site, f"{size}-fresh" if i == 0 else f"{size}-grow")
             if i == 0:
                 fresh = converge
@@ -326,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[size] = measure(facts, site, args.repeat, str(size), args.full if i == 0 else min(args.full, 1),
                                  args.mitogen and i == 0)
             mem[size] = memory()
+            (RUNS / f"memory-{size}.json").write_text(json.dumps(mem[size]) + "\n")
             log(f"{size} hosts: {mem[size]}")
             for kind in ("facts", "noop", "full", "mitogen"):
                 if runs[size][kind]:
@@ -337,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             ratios[f"facts-only {b} / {a} hosts"] = figures[f"facts_{b}"]["median"] / figures[f"facts_{a}"]["median"]
         every = [r for size in sizes for kind in ("noop", "full", "mitogen") for r in runs[size][kind]]
         results = {
-            "sizes": sizes, "repeat": args.repeat,
+            "sizes": sizes, "repeat": args.repeat, "gpu_max": args.gpu_max,
             "machine": {"cpus": os.cpu_count()},
             "figures": figures,
             "ratios": ratios,
