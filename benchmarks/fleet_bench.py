@@ -120,28 +120,40 @@ def write_inventory(info: dict) -> None:
         "---\n# Written by benchmarks/fleet_bench.py.\n" + yaml.safe_dump(overrides, sort_keys=False))
 
 
+def _cgroup_memory(name: str) -> tuple[int, int] | None:
+    """RSS and page cache (bytes) of a container and everything in it (its nested Docker too),
+    from its memory cgroup: the lab's hosts run systemd with the host's cgroup namespace,
+    where `docker stats` reads nothing."""
+    cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                         check=False).stdout.strip()
+    for path in (Path("/sys/fs/cgroup/memory/docker") / cid / "memory.stat",
+                 Path("/sys/fs/cgroup/system.slice") / f"docker-{cid}.scope" / "memory.stat"):
+        if cid and path.is_file():
+            stat = dict(line.split() for line in path.read_text().splitlines() if len(line.split()) == 2)
+            if "total_rss" in stat:  # cgroup v1
+                return int(stat["total_rss"]), int(stat.get("total_cache", 0))
+            if "anon" in stat:  # cgroup v2
+                return int(stat["anon"]), int(stat.get("file", 0))
+    return None
+
+
 def memory() -> dict:
-    """What the bench hosts use (docker stats, MiB) and what the machine has left (MemAvailable)."""
-    out = subprocess.run(["docker", "stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}"],
-                         capture_output=True, text=True, check=False).stdout
-    units = {"B": 1 / 2**20, "KiB": 1 / 1024, "kB": 1 / 1024, "MiB": 1, "MB": 1, "GiB": 1024, "GB": 1024}
-    used = 0.0
-    hosts = 0
-    for line in out.splitlines():
-        name, _, usage = line.partition(" ")
+    """What the bench hosts use (MiB: resident, and page cache apart) and what the machine has
+    left (MemAvailable)."""
+    names = subprocess.run(["docker", "ps", "--format", "{{.Names}}"], capture_output=True, text=True,
+                           check=False).stdout.split()
+    rss = cache = hosts = 0
+    for name in names:
         if not name.startswith("bench-"):
             continue
-        value = usage.split("/")[0].strip()
-        for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
-            if value.endswith(unit):
-                used += float(value[:-len(unit)]) * factor
-                hosts += 1
-                break
+        found = _cgroup_memory(name)
+        if found is not None:
+            rss, cache, hosts = rss + found[0], cache + found[1], hosts + 1
     available = 0
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
             available = int(line.split()[1]) // 1024
-    return {"bench_hosts": hosts, "bench_mib": round(used), "available_mib": available}
+    return {"bench_hosts": hosts, "bench_mib": rss // 2**20, "bench_cache_mib": cache // 2**20, "available_mib": available}
 
 
 # --------------------------------------------------------------------------- one run
@@ -278,8 +290,10 @@ def report(results: dict, markdown: bool) -> str:
         lines += ["", "| seconds per added host | no-op re-run | facts-only |", "|---|---:|---:|"]
         lines += [f"| {k} hosts | {results['growth']['noop'][k]:.3f} | {results['growth']['facts'][k]:.3f} |"
                   for k in results["growth"]["noop"]]
-        lines += ["", "| hosts | bench hosts' memory (MiB) | machine's MemAvailable (MiB) |", "|---:|---:|---:|"]
-        lines += [f"| {size} | {m['bench_mib']} | {m['available_mib']} |" for size, m in results["memory"].items()]
+        lines += ["", "| hosts | bench hosts' resident memory (MiB) | their page cache (MiB) | machine's MemAvailable (MiB) |",
+                  "|---:|---:|---:|---:|"]
+        lines += [f"| {size} | {m['bench_mib']} | {m.get('bench_cache_mib', '?')} | {m['available_mib']} |"
+                  for size, m in results["memory"].items()]
         for title, key in ((f"Ten slowest tasks of the fresh converge ({sizes[0]} hosts)", "slowest_fresh"),
                            (f"Ten slowest tasks of the median no-op re-run ({largest} hosts)", f"slowest_noop_{largest}")):
             lines += ["", f"{title}:", "", "| seconds | task | play |", "|---:|---|---|"]
@@ -289,8 +303,9 @@ def report(results: dict, markdown: bool) -> str:
         lines += [""] + [f"{k:60} {v:7.2f}" for k, v in ratios.items()]
         lines += [""] + [f"per added host {k:45} no-op {results['growth']['noop'][k]:6.3f} s, facts-only "
                          f"{results['growth']['facts'][k]:6.3f} s" for k in results["growth"]["noop"]]
-        lines += [""] + [f"memory at {size:3} hosts: bench hosts {m['bench_mib']} MiB, machine available "
-                         f"{m['available_mib']} MiB" for size, m in results["memory"].items()]
+        lines += [""] + [f"memory at {size:3} hosts: bench hosts {m['bench_mib']} MiB resident, "
+                         f"{m.get('bench_cache_mib', '?')} MiB page cache; machine available {m['available_mib']} MiB"
+                         for size, m in results["memory"].items()]
         for title, key in ((f"ten slowest tasks of the fresh converge, {sizes[0]} hosts:", "slowest_fresh"),
                            (f"ten slowest tasks of the median no-op re-run, {largest} hosts:", f"slowest_noop_{largest}")):
             lines += ["", title]
@@ -356,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                     figures[f"grow_{size}"] = summary([earlier(f"{size}-grow")["wall"]])
                 runs[size] = {kind: [earlier(f"{size}-{kind}-{n}") for n in range(1, args.repeat + 1)]
                               if kind in ("facts", "noop") else [] for kind in ("facts", "noop", "full", "mitogen")}
-                mem[size] = json.loads((RUNS / f"memory-{size}.json").read_text())
+                # The lab is at this size now: measure it (an older run read nothing with docker stats).
+                mem[size] = memory() if size == args.resume_at else json.loads((RUNS / f"memory-{size}.json").read_text())
                 for kind in ("facts", "noop"):
                     figures[f"{kind}_{size}"] = summary([r["wall"] for r in runs[size][kind]])
                 continue
