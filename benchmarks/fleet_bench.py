@@ -1,27 +1,27 @@
 #!/usr/bin/env python3
 """What converging and re-running site.yml costs on a lab fleet, and how it grows with hosts.
 
-    .venv/bin/python benchmarks/fleet_bench.py [--small 4] [--large 12] [--repeat 3] [--full 2] [--mitogen]
+    .venv/bin/python benchmarks/fleet_bench.py [--sizes 4,12,40] [--repeat 3] [--full 0] [--mitogen]
 
 Brings up its own lab (``bench``, 172.28.90.0/24, beside `make lab`'s) with lab/labctl.py:
 two load balancers, one NFS + monitoring host and GPU-node-like hosts (the lab's replayed
 8xH100), two engine replicas per GPU node.  In one run it measures
 
-1. a fresh converge of the small fleet (new hosts; lab images cached, the apt cache as
-   it is: empty .lab/apt-cache to measure a cold one);
-2. on the small fleet, ``--repeat`` times each, interleaved: a facts-only play (the floor:
+1. a fresh converge of the first fleet (new hosts; lab images cached, the apt cache as
+   it is: empty .lab/apt-cache to measure a cold one), with its ten slowest tasks;
+2. on that fleet, ``--repeat`` times each, interleaved: a facts-only play (the floor:
    Ansible's own fact gathering, every default subset, on every host) and a no-op re-run
    of site.yml; ``--full`` of those rounds add a re-run with the fast path off (every
    task runs, as after a change of inputs), and ``--mitogen`` the same under Mitogen;
-3. adding the GPU nodes that make the large fleet (the inputs change, so every host runs
-   every task and the new ones install everything), then the same rounds on the large
-   fleet (one fast-path-off re-run at most);
+3. for each further size: adding the GPU nodes that make it (the inputs change, so every
+   host runs every task and the new ones install everything), then the same rounds
+   (one fast-path-off re-run at most), and the memory the bench hosts use;
 
-and prints each figure (median, min-max), the ratios (no-op / facts-only; large / small)
-and the ten slowest tasks of the median no-op re-run.  A no-op re-run that changes
-anything is reported as such: it is not a no-op.  Each run's log and the results go
-to .lab/bench_runs/ (--json puts results.json elsewhere); --markdown prints the
-tables for the README.
+and prints each figure (median, min-max), the ratio no-op / facts-only at each size,
+how each grows per added host, and the ten slowest tasks of the median no-op re-run of
+the largest fleet.  A no-op re-run that changes anything is reported as such: it is not
+a no-op.  Each run's log and the results go to .lab/bench_runs/ (--json puts
+results.json elsewhere); --markdown prints the tables for the README.
 
 Not a test: the figures depend on the machine.  Run it on a quiet machine.
 """
@@ -65,11 +65,15 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- the fleet
-def fleet(size: int) -> list[tuple[str, str]]:
-    gpus = size - len(FIXED_HOSTS)
+def fleet(size: int, gpu_max: int | None = None) -> list[tuple[str, str]]:
+    """The fleet of ``size`` hosts: the fixed ones, then GPU nodes; past ``gpu_max`` hosts,
+    hosts of no service group (``nodes``: base layer, firewall and node exporter only)."""
+    gpu_max = size if gpu_max is None else min(size, gpu_max)
+    gpus = gpu_max - len(FIXED_HOSTS)
     if gpus < 1:
         raise BenchError(f"a fleet of {size} hosts leaves no GPU node: give at least {len(FIXED_HOSTS) + 1}")
-    return FIXED_HOSTS + [(f"bench-gpu{i:02d}", "gpu_nodes") for i in range(1, gpus + 1)]
+    return (FIXED_HOSTS + [(f"bench-gpu{i:02d}", "gpu_nodes") for i in range(1, gpus + 1)]
+            + [(f"bench-node{i:02d}", "nodes") for i in range(1, size - gpu_max + 1)])
 
 
 def lab_up(hosts: list[tuple[str, str]]) -> dict:
@@ -116,6 +120,42 @@ def write_inventory(info: dict) -> None:
         "---\n# Written by benchmarks/fleet_bench.py.\n" + yaml.safe_dump(overrides, sort_keys=False))
 
 
+def _cgroup_memory(name: str) -> tuple[int, int] | None:
+    """RSS and page cache (bytes) of a container and everything in it (its nested Docker too),
+    from its memory cgroup: the lab's hosts run systemd with the host's cgroup namespace,
+    where `docker stats` reads nothing."""
+    cid = subprocess.run(["docker", "inspect", "-f", "{{.Id}}", name], capture_output=True, text=True,
+                         check=False).stdout.strip()
+    for path in (Path("/sys/fs/cgroup/memory/docker") / cid / "memory.stat",
+                 Path("/sys/fs/cgroup/system.slice") / f"docker-{cid}.scope" / "memory.stat"):
+        if cid and path.is_file():
+            stat = dict(line.split() for line in path.read_text().splitlines() if len(line.split()) == 2)
+            if "total_rss" in stat:  # cgroup v1
+                return int(stat["total_rss"]), int(stat.get("total_cache", 0))
+            if "anon" in stat:  # cgroup v2
+                return int(stat["anon"]), int(stat.get("file", 0))
+    return None
+
+
+def memory() -> dict:
+    """What the bench hosts use (MiB: resident, and page cache apart) and what the machine has
+    left (MemAvailable)."""
+    names = subprocess.run(["docker", "ps", "--format", "{{.Names}}"], capture_output=True, text=True,
+                           check=False).stdout.split()
+    rss = cache = hosts = 0
+    for name in names:
+        if not name.startswith("bench-"):
+            continue
+        found = _cgroup_memory(name)
+        if found is not None:
+            rss, cache, hosts = rss + found[0], cache + found[1], hosts + 1
+    available = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            available = int(line.split()[1]) // 1024
+    return {"bench_hosts": hosts, "bench_mib": rss // 2**20, "bench_cache_mib": cache // 2**20, "available_mib": available}
+
+
 # --------------------------------------------------------------------------- one run
 def playbook(path: Path, label: str, extra: list[str] | None = None, env_extra: dict | None = None) -> dict:
     """Run one playbook against the bench inventory; its bench_timer report, plus the wall time."""
@@ -141,6 +181,7 @@ def playbook(path: Path, label: str, extra: list[str] | None = None, env_extra: 
         raise BenchError(f"{path.name} ({label}) failed: see {log_path}")
     report = json.loads(out.read_text())
     report["wall"] = round(wall, 2)
+    out.write_text(json.dumps(report, indent=1))  # with its wall time, for --resume-at
     report["changed_total"] = sum(r["changed"] for r in report["recap"].values())
     log(f"{label}: {wall:6.1f} s, changed={report['changed_total']}, {len(report['recap'])} hosts")
     return report
@@ -172,6 +213,21 @@ def slowest(reports: list[dict], count: int = 10) -> list[dict]:
 FULL = ["-e", "aphrodite_fast_path=false"]
 
 
+def earlier(label: str) -> dict:
+    """The report of one run of an earlier, interrupted benchmark (its wall time added as playbook() does)."""
+    path = RUNS / f"{label}.json"
+    if not path.is_file():
+        raise BenchError(f"--resume-at: no {path} (the earlier run did not get that far)")
+    report = json.loads(path.read_text())
+    if "wall" not in report:  # written by a version that logged wall times only: walls.json from its log
+        walls = RUNS / "walls.json"
+        report["wall"] = json.loads(walls.read_text())[label] if walls.is_file() else None
+    if report["wall"] is None:
+        raise BenchError(f"--resume-at: no wall time for {label} (in {path} or {RUNS / 'walls.json'})")
+    report["changed_total"] = sum(r["changed"] for r in report["recap"].values())
+    return report
+
+
 def mitogen_env() -> dict:
     try:
         import ansible_mitogen  # optional, not in requirements.txt
@@ -199,36 +255,61 @@ def fmt(s: dict) -> str:
     return f"{s['median']:7.1f} s  ({s['min']:.1f}-{s['max']:.1f}, n={s['n']})"
 
 
+def growth(sizes: list[int], figures: dict, key: str) -> dict:
+    """Seconds per added host between consecutive sizes (medians)."""
+    return {f"{a}->{b}": round((figures[f"{key}_{b}"]["median"] - figures[f"{key}_{a}"]["median"]) / (b - a), 3)
+            for a, b in zip(sizes, sizes[1:])}
+
+
 def report(results: dict, markdown: bool) -> str:
     fig = results["figures"]
-    small, large = results["small"], results["large"]
-    rows = [
-        (f"fresh converge, {small} hosts", fig["fresh_converge"]),
-        (f"facts-only play, {small} hosts", fig["facts_small"]),
-        (f"no-op re-run, {small} hosts", fig["noop_small"]),
-        (f"re-run with the fast path off, {small} hosts", fig.get("full_small")),
-        (f"same, Mitogen strategy, {small} hosts", fig.get("mitogen_small")),
-        (f"add {large - small} GPU nodes (converge them, rest no-op)", fig["grow"]),
-        (f"facts-only play, {large} hosts", fig["facts_large"]),
-        (f"no-op re-run, {large} hosts", fig["noop_large"]),
-        (f"re-run with the fast path off, {large} hosts", fig.get("full_large")),
-    ]
+    sizes = results["sizes"]
+    rows = [(f"fresh converge, {sizes[0]} hosts", fig["fresh_converge"])]
+    for i, size in enumerate(sizes):
+        if i:
+            gpu_max = results.get("gpu_max") or size
+            gpus = max(0, min(size, gpu_max) - sizes[i - 1])
+            plain = size - max(gpu_max, sizes[i - 1]) if size > gpu_max else 0
+            added = " and ".join(([f"{gpus} GPU nodes"] if gpus else []) + ([f"{plain} hosts of no service group"] if plain else []))
+            rows.append((f"add {added} ({size} hosts; every host runs every task)", fig[f"grow_{size}"]))
+        rows += [
+            (f"facts-only play, {size} hosts", fig[f"facts_{size}"]),
+            (f"no-op re-run, {size} hosts", fig[f"noop_{size}"]),
+            (f"re-run with the fast path off, {size} hosts", fig.get(f"full_{size}")),
+            (f"same, Mitogen strategy, {size} hosts", fig.get(f"mitogen_{size}")),
+        ]
     rows = [(name, s) for name, s in rows if s]
     ratios = results["ratios"]
+    largest = sizes[-1]
     lines = []
     if markdown:
         lines += ["| measurement | median | min-max | runs |", "|---|---:|---:|---:|"]
         lines += [f"| {name} | {s['median']:.1f} s | {s['min']:.1f}-{s['max']:.1f} s | {s['n']} |" for name, s in rows]
         lines += ["", "| ratio | value |", "|---|---:|"]
         lines += [f"| {k} | {v:.2f} |" for k, v in ratios.items()]
-        lines += ["", f"Ten slowest tasks of the median no-op re-run ({large} hosts):", "",
-                  "| seconds | task | play |", "|---:|---|---|"]
-        lines += [f"| {t['seconds']:.2f} | {t['task']} | {t['play']} |" for t in results["slowest_noop_large"]]
+        lines += ["", "| seconds per added host | no-op re-run | facts-only |", "|---|---:|---:|"]
+        lines += [f"| {k} hosts | {results['growth']['noop'][k]:.3f} | {results['growth']['facts'][k]:.3f} |"
+                  for k in results["growth"]["noop"]]
+        lines += ["", "| hosts | bench hosts' resident memory (MiB) | their page cache (MiB) | machine's MemAvailable (MiB) |",
+                  "|---:|---:|---:|---:|"]
+        lines += [f"| {size} | {m['bench_mib']} | {m.get('bench_cache_mib', '?')} | {m['available_mib']} |"
+                  for size, m in results["memory"].items()]
+        for title, key in ((f"Ten slowest tasks of the fresh converge ({sizes[0]} hosts)", "slowest_fresh"),
+                           (f"Ten slowest tasks of the median no-op re-run ({largest} hosts)", f"slowest_noop_{largest}")):
+            lines += ["", f"{title}:", "", "| seconds | task | play |", "|---:|---|---|"]
+            lines += [f"| {t['seconds']:.2f} | {t['task']} | {t['play']} |" for t in results[key]]
     else:
-        lines += [f"{name:48} {fmt(s)}" for name, s in rows]
-        lines += [""] + [f"{k:48} {v:7.2f}" for k, v in ratios.items()]
-        lines += ["", f"ten slowest tasks of the median no-op re-run, {large} hosts:"]
-        lines += [f"  {t['seconds']:6.2f} s  {t['task']}  [{t['play']}]" for t in results["slowest_noop_large"]]
+        lines += [f"{name:60} {fmt(s)}" for name, s in rows]
+        lines += [""] + [f"{k:60} {v:7.2f}" for k, v in ratios.items()]
+        lines += [""] + [f"per added host {k:45} no-op {results['growth']['noop'][k]:6.3f} s, facts-only "
+                         f"{results['growth']['facts'][k]:6.3f} s" for k in results["growth"]["noop"]]
+        lines += [""] + [f"memory at {size:3} hosts: bench hosts {m['bench_mib']} MiB resident, "
+                         f"{m.get('bench_cache_mib', '?')} MiB page cache; machine available {m['available_mib']} MiB"
+                         for size, m in results["memory"].items()]
+        for title, key in ((f"ten slowest tasks of the fresh converge, {sizes[0]} hosts:", "slowest_fresh"),
+                           (f"ten slowest tasks of the median no-op re-run, {largest} hosts:", f"slowest_noop_{largest}")):
+            lines += ["", title]
+            lines += [f"  {t['seconds']:6.2f} s  {t['task']}  [{t['play']}]" for t in results[key]]
     if results["not_noop"]:
         lines += ["", "NOT A NO-OP: these re-runs changed something:"]
         lines += [f"  {label}: {', '.join(changes)}" for label, changes in results["not_noop"].items()]
@@ -238,19 +319,28 @@ def report(results: dict, markdown: bool) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", type=int, default=4, help="hosts in the small fleet (default 4)")
-    parser.add_argument("--large", type=int, default=12, help="hosts in the large fleet (default 12)")
+    parser.add_argument("--sizes", default="4,12,40",
+                        help="fleet sizes in hosts, growing, comma-separated (default 4,12,40; at least 4 each)")
     parser.add_argument("--repeat", type=int, default=3, help="facts-only / no-op pairs per fleet size (default 3)")
     parser.add_argument("--json", type=Path, default=RUNS / "results.json", help="where the results go")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
-    parser.add_argument("--full", type=int, default=2, metavar="N",
-                        help="also N re-runs with the fast path off per fleet size (default 2; 0 for none)")
+    parser.add_argument("--full", type=int, default=0, metavar="N",
+                        help="also N re-runs with the fast path off on the first fleet, one on the others (default 0)")
     parser.add_argument("--mitogen", action="store_true",
-                        help="also the small fleet's fast-path-off re-runs under Mitogen (pip install mitogen)")
+                        help="also the first fleet's fast-path-off re-runs under Mitogen (pip install mitogen)")
     parser.add_argument("--keep", action="store_true", help="leave the bench lab up afterwards")
+    parser.add_argument("--gpu-max", type=int, metavar="N",
+                        help="grow past N hosts with hosts of no service group instead of GPU nodes (cheaper to converge)")
+    parser.add_argument("--resume-at", type=int, metavar="N",
+                        help="the bench lab is up and converged at N hosts, one of --sizes, and .lab/bench_runs holds an "
+                             "earlier run's reports up to N (an interrupted run): take those, measure only the larger sizes")
     args = parser.parse_args(argv)
-    if args.large <= args.small:
-        parser.error("--large must exceed --small")
+    try:
+        sizes = [int(x) for x in args.sizes.split(",")]
+    except ValueError:
+        parser.error("--sizes takes numbers of hosts, such as 4,12,40")
+    if sizes != sorted(set(sizes)):
+        parser.error("--sizes must grow: each fleet adds GPU nodes to the one before")
 
     site = ROOT / "site.yml"
     if args.mitogen:
@@ -258,53 +348,68 @@ def main(argv: list[str] | None = None) -> int:
             mitogen_env()
         except BenchError as exc:
             parser.error(str(exc))
-    lab_down()
-    shutil.rmtree(RUNS, ignore_errors=True)
+    if args.resume_at is not None and args.resume_at not in sizes:
+        parser.error("--resume-at must be one of --sizes")
+    if args.resume_at is None:
+        lab_down()
+        shutil.rmtree(RUNS, ignore_errors=True)
     try:
-        RUNS.mkdir(parents=True)
+        RUNS.mkdir(parents=True, exist_ok=True)
         facts = facts_playbook()
         started = time.monotonic()
-
-        log(f"bringing up {args.small} hosts")
-        write_inventory(lab_up(fleet(args.small)))
-        fresh = playbook(site, "small-fresh")
-        small = measure(facts, site, args.repeat, "small", args.full, args.mitogen)
-
-        log(f"adding {args.large - args.small} GPU nodes")
-        write_inventory(lab_up(fleet(args.large)))
-        grow = playbook(site, "large-grow")
-        large = measure(facts, site, args.repeat, "large", min(args.full, 1), False)
-        facts_small, noop_small, facts_large, noop_large = small["facts"], small["noop"], large["facts"], large["noop"]
-
-        figures = {
-            "fresh_converge": summary([fresh["wall"]]),
-            "facts_small": summary([r["wall"] for r in facts_small]),
-            "noop_small": summary([r["wall"] for r in noop_small]),
-            "grow": summary([grow["wall"]]),
-            "facts_large": summary([r["wall"] for r in facts_large]),
-            "noop_large": summary([r["wall"] for r in noop_large]),
-        }
-        for key, runs in (("full_small", small["full"]), ("mitogen_small", small["mitogen"]),
-                          ("full_large", large["full"])):
-            if runs:
-                figures[key] = summary([r["wall"] for r in runs])
+        figures: dict = {}
+        runs: dict = {}
+        mem: dict = {}
+        fresh = None
+        for i, size in enumerate(sizes):
+            if args.resume_at is not None and size <= args.resume_at:
+                log(f"{size} hosts: the reports of an earlier run")
+                if i == 0:
+                    fresh = earlier(f"{size}-fresh")
+                    figures["fresh_converge"] = summary([fresh["wall"]])
+                else:
+                    figures[f"grow_{size}"] = summary([earlier(f"{size}-grow")["wall"]])
+                runs[size] = {kind: [earlier(f"{size}-{kind}-{n}") for n in range(1, args.repeat + 1)]
+                              if kind in ("facts", "noop") else [] for kind in ("facts", "noop", "full", "mitogen")}
+                # The lab is at this size now: measure it (an older run read nothing with docker stats).
+                mem[size] = memory() if size == args.resume_at else json.loads((RUNS / f"memory-{size}.json").read_text())
+                for kind in ("facts", "noop"):
+                    figures[f"{kind}_{size}"] = summary([r["wall"] for r in runs[size][kind]])
+                continue
+            log(f"bringing up {size} hosts")
+            write_inventory(lab_up(fleet(size, args.gpu_max)))
+            converge = playbook(site, f"{size}-fresh" if i == 0 else f"{size}-grow")
+            if i == 0:
+                fresh = converge
+                figures["fresh_converge"] = summary([converge["wall"]])
+            else:
+                figures[f"grow_{size}"] = summary([converge["wall"]])
+            runs[size] = measure(facts, site, args.repeat, str(size), args.full if i == 0 else min(args.full, 1),
+                                 args.mitogen and i == 0)
+            mem[size] = memory()
+            (RUNS / f"memory-{size}.json").write_text(json.dumps(mem[size]) + "\n")
+            log(f"{size} hosts: {mem[size]}")
+            for kind in ("facts", "noop", "full", "mitogen"):
+                if runs[size][kind]:
+                    figures[f"{kind}_{size}"] = summary([r["wall"] for r in runs[size][kind]])
+        ratios = {f"no-op / facts-only, {size} hosts": figures[f"noop_{size}"]["median"] / figures[f"facts_{size}"]["median"]
+                  for size in sizes}
+        for a, b in zip(sizes, sizes[1:]):
+            ratios[f"no-op {b} / {a} hosts (hosts: {b / a:.1f})"] = figures[f"noop_{b}"]["median"] / figures[f"noop_{a}"]["median"]
+            ratios[f"facts-only {b} / {a} hosts"] = figures[f"facts_{b}"]["median"] / figures[f"facts_{a}"]["median"]
+        every = [r for size in sizes for kind in ("noop", "full", "mitogen") for r in runs[size][kind]]
         results = {
-            "small": args.small, "large": args.large, "repeat": args.repeat,
+            "sizes": sizes, "repeat": args.repeat, "gpu_max": args.gpu_max,
             "machine": {"cpus": os.cpu_count()},
             "figures": figures,
-            "ratios": {
-                f"no-op / facts-only, {args.small} hosts": figures["noop_small"]["median"] / figures["facts_small"]["median"],
-                f"no-op / facts-only, {args.large} hosts": figures["noop_large"]["median"] / figures["facts_large"]["median"],
-                f"no-op {args.large} / {args.small} hosts": figures["noop_large"]["median"] / figures["noop_small"]["median"],
-                f"facts-only {args.large} / {args.small} hosts": figures["facts_large"]["median"] / figures["facts_small"]["median"],
-                f"hosts {args.large} / {args.small}": args.large / args.small,
-            },
-            "slowest_noop_small": slowest(noop_small),
-            "slowest_noop_large": slowest(noop_large),
+            "ratios": ratios,
+            "growth": {"noop": growth(sizes, figures, "noop"), "facts": growth(sizes, figures, "facts")},
+            "memory": mem,
+            "slowest_fresh": slowest([fresh]),
+            **{f"slowest_noop_{size}": slowest(runs[size]["noop"]) for size in sizes},
             "not_noop": {
                 f"re-run {i}": sorted({f"{c['host']}: {c['task']}" for c in r["changed"]})
-                for i, r in enumerate(noop_small + noop_large + small["full"] + small["mitogen"] + large["full"], start=1)
-                if r["changed_total"]
+                for i, r in enumerate(every, start=1) if r["changed_total"]
             },
             "total_seconds": round(time.monotonic() - started, 1),
         }

@@ -17,6 +17,7 @@ from ansible_collections.aphrodite.baremetal.plugins.module_utils._fingerprint i
     is_injected_fact,
     is_input_variable,
     stable_facts,
+    verdict,
 )
 
 # plugins/filter/converged.py -> the collection's root (a checkout or an installed collection).
@@ -64,8 +65,15 @@ def fleet_fingerprint(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) 
     return digest_of_parts(fleet_inputs(hostvars, hosts, groups, plan))
 
 
+def fast_path_verdict(probe: Any, inputs: Any, fast_path: Any = True) -> dict:
+    """Whether the host the probe came from is converged; see fast_path_verdict.yml."""
+    if inputs is not None and not isinstance(inputs, Mapping):
+        raise AnsibleFilterError("fast_path_verdict needs this run's inputs (the fleet_inputs filter's dict)")
+    return verdict(probe, inputs, bool(fast_path))
+
+
 class FilterModule:
     """aphrodite.baremetal fast-path filters."""
 
     def filters(self) -> dict:
-        return {"fleet_fingerprint": fleet_fingerprint, "fleet_inputs": fleet_inputs}
+        return {"fleet_fingerprint": fleet_fingerprint, "fleet_inputs": fleet_inputs, "fast_path_verdict": fast_path_verdict}

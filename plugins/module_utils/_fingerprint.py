@@ -153,3 +153,35 @@ def fingerprint(hosts: Mapping[str, Mapping[str, Any]], groups: Mapping[str, Ite
                 plan: Any, code: str) -> str:
     """SHA-256 of the fleet's inputs: per host its input variables and stable facts."""
     return digest_of_parts(fingerprint_parts(hosts, groups, plan, code))
+
+
+# How many changed inputs a reason names before it counts the rest.
+_NAMED_INPUTS = 8
+
+
+def verdict(probe: Any, inputs: Mapping[str, str] | None, fast_path: bool = True) -> dict:
+    """Whether a host is as its last complete run left it, from its probe (the converged
+    module, state=probe) and this run's inputs (fingerprint_parts): the recorded fingerprint
+    must equal this run's and the managed state must not have drifted.  Decided on the
+    controller, so the probe is the host's one round trip.  Returns ``converged`` and the
+    ``reasons`` why not."""
+    if not fast_path:
+        return {"converged": False, "reasons": ["the fast path is off (aphrodite_fast_path=false)"]}
+    if not isinstance(probe, Mapping) or probe.get("skipped") or probe.get("failed") or "recorded_fingerprint" not in probe:
+        return {"converged": False, "reasons": ["the host was not probed in this run"]}
+    if not probe.get("recorded_fingerprint"):
+        return {"converged": False, "reasons": list(probe.get("reasons") or ["nothing recorded yet"])}
+    current = {str(k): str(v) for k, v in (inputs or {}).items()}
+    if probe["recorded_fingerprint"] != digest_of_parts(current):
+        before = probe.get("recorded_inputs") or {}
+        changed = sorted(k for k in set(before) | set(current)
+                         if before.get(k) != (current[k][:len(before[k])] if k in current and k in before else None))
+        if not changed:  # the digests agree on the digits returned: the rest differs
+            changed = ["inventory, variables, facts, plan or collection"]
+        what = ", ".join(changed[:_NAMED_INPUTS]) + (
+            f" and {len(changed) - _NAMED_INPUTS} more" if len(changed) > _NAMED_INPUTS else "")
+        return {"converged": False, "reasons": [f"the inputs changed since {probe.get('recorded_at')}: {what}"]}
+    drift = probe.get("drift")
+    if drift is None:
+        return {"converged": False, "reasons": ["the managed state was not compared"]}
+    return {"converged": not drift, "reasons": list(drift)}

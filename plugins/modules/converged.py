@@ -19,6 +19,11 @@ description:
     that host; any difference (a new input, an edited file, a stopped service, a removed
     container, a flushed rule set) sends the host through every task again.
   - One call reads everything, so checking a converged host costs one round trip.
+  - V(state=probe) is that round trip in C(site.yml). It gathers the facts the roles read
+    (O(gather_subset)), the GPU facts (O(gpus), as M(aphrodite.baremetal.gpu_facts) does) and the
+    snapshot, and returns what the record holds. The controller then fingerprints the run's
+    inputs from those facts and decides without another call (the
+    P(aphrodite.baremetal.fast_path_verdict#filter) filter).
   - Regular files are compared by SHA-256, mode, owner and group; files larger than
     O(max_hash_bytes) by size, modification time and inode, as rsync's quick check does.
     Directories are walked. Units are compared by their active and enablement states,
@@ -40,13 +45,20 @@ options:
       - V(check) compares, and changes nothing.
       - V(record) takes the snapshot and writes it with the fingerprint to O(path) (mode 0600).
         It reports a change only when the snapshot or the fingerprint differ from the recorded ones.
+      - V(probe) changes nothing either. It returns the facts of O(gather_subset) (and the GPU facts
+        with O(gpus)) as C(ansible_facts), marked as gathered, so plays with C(gather_facts) under
+        C(gathering = smart) do not gather them again. It compares a fresh snapshot with the recorded
+        one (RV(drift)) and returns the recorded fingerprint and inputs, so the controller can compare
+        this run's inputs with them once it has every host's facts. O(fingerprint) and O(inputs) are
+        not used.
     type: str
-    choices: [check, record]
+    choices: [check, record, probe]
     default: check
   fingerprint:
     description:
       - The digest of the run's inputs, as the C(aphrodite.baremetal.fleet_fingerprint) filter computes it.
-      - Give O(inputs) instead to be told which input changed; one of the two is required.
+      - Give O(inputs) instead to be told which input changed; one of the two is required with
+        V(state=check) and V(state=record).
     type: str
   inputs:
     description:
@@ -63,6 +75,25 @@ options:
       - The recorded watch list is what V(state=check) compares later.
     type: dict
     default: {}
+  gather_subset:
+    description:
+      - With V(state=probe), the fact subsets to gather, as the C(gather_subset) of M(ansible.builtin.setup).
+    type: list
+    elements: str
+    default: [min, network]
+  gpus:
+    description:
+      - With V(state=probe), also gather C(ansible_facts.aphrodite_gpus) as M(aphrodite.baremetal.gpu_facts)
+        does with its defaults. When nvidia-smi prints what cannot be parsed, the fact is left out and
+        RV(gpu_problem) says why, so the caller can run M(aphrodite.baremetal.gpu_facts) to fail with it.
+    type: bool
+    default: false
+  compare:
+    description:
+      - With V(state=probe), whether to take the snapshot and compare it with the record. V(false)
+        (the fast path is off) only gathers the facts.
+    type: bool
+    default: true
   path:
     description:
       - Where the record lives. Only root can read it, since the fingerprint covers secrets.
@@ -77,6 +108,8 @@ options:
 notes:
   - Commands run without a shell, with C(LC_ALL=C). Pick commands whose output only
     changes when the managed state does (C(nft -s) leaves counters out, for example).
+  - Units of every role are read with one C(systemctl show), packages with one C(dpkg-query)
+    (or C(rpm)), and a command that several roles watch runs once.
 seealso:
   - name: The fast path
     description: How site.yml decides to skip a host, and how to turn it off (C(aphrodite_fast_path=false)).
@@ -89,6 +122,17 @@ EXAMPLES = r"""
   aphrodite.baremetal.converged:
     inputs: "{{ hostvars | aphrodite.baremetal.fleet_inputs(groups['all'], groups) }}"
   register: converged
+
+- name: One call per host - facts, GPU facts and the managed state
+  aphrodite.baremetal.converged:
+    state: probe
+    gpus: "{{ 'gpu_nodes' in group_names }}"
+  become: true
+  register: probe
+
+- name: Decide, on the controller
+  ansible.builtin.set_fact:
+    converged: "{{ probe | aphrodite.baremetal.fast_path_verdict(hostvars | aphrodite.baremetal.fleet_inputs(groups['all'], groups)) }}"
 
 - name: Record the host after a complete run
   aphrodite.baremetal.converged:
@@ -105,7 +149,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 converged:
-  description: With V(state=check), whether the host is as the last complete run with the same inputs left it.
+  description:
+    - With V(state=check), whether the host is as the last complete run with the same inputs left it.
+    - Always V(false) with V(state=probe), which cannot know this run's inputs; the controller decides.
   returned: always
   type: bool
   sample: true
@@ -121,6 +167,34 @@ recorded_at:
   returned: always
   type: str
   sample: "2026-11-27T15:04:05+00:00"
+drift:
+  description:
+    - With V(state=probe), what differs between the recorded snapshot and a fresh one, one sentence each
+      (at most 20); empty when nothing does.
+    - V(null) when there is no record or O(compare=false).
+  returned: always
+  type: list
+  elements: str
+  sample: ["haproxy: unit haproxy.service is inactive/enabled, was active/enabled"]
+recorded_fingerprint:
+  description: With V(state=probe), the fingerprint of the run that wrote the record; V(null) when there is none.
+  returned: always
+  type: str
+recorded_inputs:
+  description:
+    - With V(state=probe), the recorded inputs, each by the first 16 hex digits of its digest (enough to
+      name what changed; RV(recorded_fingerprint) is compared whole).
+  returned: always
+  type: dict
+  sample: {"collection code": "3f1c0a9b2d4e5f60", "variables of gpu1": "9a8b7c6d5e4f3a2b"}
+gpu_problem:
+  description: With V(state=probe) and O(gpus), why the GPU facts could not be read; V(null) when they were.
+  returned: always
+  type: str
+ansible_facts:
+  description: With V(state=probe), the facts of O(gather_subset) (named as M(ansible.builtin.setup) names them) and C(aphrodite_gpus).
+  returned: when O(state=probe)
+  type: dict
 roles:
   description: The roles the record covers.
   returned: always
@@ -137,10 +211,20 @@ import re
 import stat
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.facts import ansible_collector, default_collectors
+from ansible.module_utils.facts.namespace import PrefixFactNamespace
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._fingerprint import digest_of_parts
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._gpu_gather import gather as gather_gpus
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._gpu_parse import GpuParseError
 
 FORMAT = 1
 MAX_REASONS = 20
+# What the probe returns of each recorded input digest: enough to name what changed.
+SHORT_DIGEST = 16
+# As ansible.builtin.setup: these subsets are always gathered.
+MINIMAL_GATHER_SUBSET = frozenset(["apparmor", "caps", "cmdline", "date_time", "distribution", "dns", "env", "fips",
+                                   "local", "lsb", "pkg_mgr", "platform", "python", "selinux", "service_mgr",
+                                   "ssh_pub_keys", "user"])
 
 
 def _file_entry(path, st, max_hash_bytes):
@@ -241,12 +325,18 @@ def snapshot_packages(module, packages):
     return dict((name, "no package manager") for name in names)
 
 
-def snapshot_commands(module, commands):
-    """' '.join(argv) -> 'rc=N sha256=...' of each command's output."""
+def snapshot_commands(module, commands, cache=None):
+    """' '.join(argv) -> 'rc=N sha256=...' of each command's output.
+
+    ``cache`` (argv key -> result) lets a command that several roles watch run once."""
     result = {}
+    cache = {} if cache is None else cache
     for argv in commands:
         key = " ".join(argv)
         if not argv:
+            continue
+        if key in cache:
+            result[key] = cache[key]
             continue
         # A tool that is not installed is a state too (and must not fail the probe).
         exe = argv[0] if os.path.isabs(argv[0]) else module.get_bin_path(argv[0])
@@ -255,20 +345,67 @@ def snapshot_commands(module, commands):
             continue
         rc, out, err = module.run_command([exe] + list(argv[1:]), environ_update={"LC_ALL": "C"})
         result[key] = "rc=%d sha256=%s" % (rc, hashlib.sha256((out + "\0" + err).encode("utf-8", "replace")).hexdigest())
+        cache[key] = result[key]
     return result
 
 
 def snapshot(module, watch, max_hash_bytes, skip=()):
+    """Role -> what it manages, as found now.  The units of all roles are read in one
+    systemctl call and the packages in one dpkg-query call; a command that several roles
+    watch runs once."""
+    specs = dict((role, watch[role] or {}) for role in sorted(watch))
+    units = [str(u) for spec in specs.values() for u in spec.get("units") or []]
+    all_units = snapshot_units(module, list(dict.fromkeys(units)))
+    all_packages = snapshot_packages(module, [p for spec in specs.values() for p in spec.get("packages") or []])
+    commands = {}
     taken = {}
-    for role in sorted(watch):
-        spec = watch[role] or {}
+    for role, spec in specs.items():
+        names = sorted(set(_package_name(str(p)) for p in spec.get("packages") or [] if str(p).strip()))
         taken[role] = {
             "files": snapshot_files([str(p) for p in spec.get("files") or []], max_hash_bytes, skip),
-            "units": snapshot_units(module, [str(u) for u in spec.get("units") or []]),
-            "commands": snapshot_commands(module, [[str(a) for a in argv] for argv in spec.get("commands") or []]),
-            "packages": snapshot_packages(module, spec.get("packages") or []),
+            "units": dict((str(u), all_units[str(u)]) for u in spec.get("units") or []),
+            "commands": snapshot_commands(module, [[str(a) for a in argv] for argv in spec.get("commands") or []], commands),
+            "packages": dict((name, all_packages[name]) for name in names),
         }
     return taken
+
+
+def gather_facts(module, subset):
+    """The facts of ``subset``, named as ansible.builtin.setup names them (ansible_ prefix),
+    marked as gathered for `gathering = smart`."""
+    collector = ansible_collector.get_ansible_collector(
+        all_collector_classes=default_collectors.collectors,
+        namespace=PrefixFactNamespace(namespace_name="ansible", prefix="ansible_"),
+        filter_spec=[], gather_subset=subset, gather_timeout=10, minimal_gather_subset=MINIMAL_GATHER_SUBSET)
+    facts = collector.collect(module=module)
+    facts["_ansible_facts_gathered"] = True
+    return facts
+
+
+def probe(module, record, problem, result):
+    """state=probe: facts, GPU facts, the drift since the record and what the record holds."""
+    p = module.params
+    facts = gather_facts(module, p["gather_subset"])
+    result["gpu_problem"] = None
+    if p["gpus"]:
+        try:
+            facts["aphrodite_gpus"] = gather_gpus(module, {})
+        except GpuParseError as exc:
+            result["gpu_problem"] = str(exc)
+    result["ansible_facts"] = facts
+    result["drift"] = None
+    result["recorded_fingerprint"] = None
+    result["recorded_inputs"] = {}
+    if record is None:
+        result["reasons"] = [problem]
+        return
+    result["recorded_fingerprint"] = record.get("fingerprint")
+    result["recorded_inputs"] = dict((str(k), str(v)[:SHORT_DIGEST]) for k, v in (record.get("inputs") or {}).items())
+    if p["compare"]:
+        current = snapshot(module, record.get("watch") or {}, record.get("max_hash_bytes", p["max_hash_bytes"]), (p["path"],))
+        found = differences(record.get("snapshot") or {}, current)
+        result["drift"] = found[:MAX_REASONS] + (
+            ["and %d more" % (len(found) - MAX_REASONS)] if len(found) > MAX_REASONS else [])
 
 
 def differences(recorded, current):
@@ -310,14 +447,18 @@ def read_record(path):
 def main():
     module = AnsibleModule(
         argument_spec=dict(
-            state=dict(type="str", choices=["check", "record"], default="check"),
+            state=dict(type="str", choices=["check", "record", "probe"], default="check"),
             fingerprint=dict(type="str", no_log=False),
             inputs=dict(type="dict"),
             watch=dict(type="dict", default={}),
+            gather_subset=dict(type="list", elements="str", default=["min", "network"]),
+            gpus=dict(type="bool", default=False),
+            compare=dict(type="bool", default=True),
             path=dict(type="path", default="/var/lib/aphrodite/converged.json"),
             max_hash_bytes=dict(type="int", default=8 * 1024 * 1024),
         ),
-        required_one_of=[["fingerprint", "inputs"]],
+        required_if=[["state", "check", ["fingerprint", "inputs"], True],
+                     ["state", "record", ["fingerprint", "inputs"], True]],
         mutually_exclusive=[["fingerprint", "inputs"]],
         supports_check_mode=True,
     )
@@ -330,6 +471,10 @@ def main():
     if record is not None:
         result["recorded_at"] = record.get("recorded_at")
         result["roles"] = sorted(record.get("watch") or {})
+
+    if p["state"] == "probe":
+        probe(module, record, problem, result)
+        module.exit_json(**result)
 
     if p["state"] == "check":
         if record is None:

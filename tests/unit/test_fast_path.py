@@ -28,7 +28,7 @@ ANSIBLE_PLAYBOOK = str(Path(sys.executable).with_name("ansible-playbook"))
 # Facts that roles gather themselves as probes of the host's state (package_facts, service_facts).
 PROBE_FACTS = {"packages", "services"}
 # Plays of site.yml that run on converged hosts too: they decide, verify or record.
-NOT_STAGES = {"preflight.yml", "fast_path.yml", "verify.yml", "record.yml"}
+NOT_STAGES = {"probe.yml", "preflight.yml", "fast_path.yml", "verify.yml", "record.yml"}
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -214,9 +214,52 @@ def _site_plays() -> list[tuple[str, dict]]:
     return plays
 
 
-def test_site_runs_preflight_then_fast_path_first_and_records_last() -> None:
+def test_site_runs_probe_preflight_then_fast_path_first_and_records_last() -> None:
     names = [e["ansible.builtin.import_playbook"] for e in yaml.safe_load((ROOT / "playbooks" / "site.yml").read_text())]
-    assert names[:2] == ["preflight.yml", "fast_path.yml"] and names[-1] == "record.yml"
+    assert names[:3] == ["probe.yml", "preflight.yml", "fast_path.yml"] and names[-1] == "record.yml"
+
+
+def test_one_round_trip_per_host_before_the_decision() -> None:
+    """Up to the decision, the only task that reaches the hosts is the probe: the preflight
+    reads GPUs itself only when the probe did not, and the fast path decides on the controller."""
+    probe_play, = yaml.safe_load((ROOT / "playbooks" / "probe.yml").read_text())
+    probe_task, = probe_play["tasks"]
+    assert probe_task["aphrodite.baremetal.converged"]["state"] == "probe"
+    assert probe_task["register"] == "__aphrodite_probe" and probe_play["hosts"] == "all"
+    preflight = yaml.safe_load((ROOT / "playbooks" / "preflight.yml").read_text())
+    gpu_task = next(t for t in preflight[0]["tasks"] if "aphrodite.baremetal.gpu_facts" in t)
+    assert gpu_task["when"] == "__aphrodite_probe.ansible_facts.aphrodite_gpus is not defined"
+    fast, = yaml.safe_load((ROOT / "playbooks" / "fast_path.yml").read_text())
+    modules = {k for task in fast["tasks"] for k in task if "." in k}
+    assert modules == {"ansible.builtin.set_fact", "ansible.builtin.debug"}, modules
+
+
+def _probe(parts: dict, drift=(), **extra) -> dict:
+    return dict({"recorded_fingerprint": fp.digest_of_parts(parts), "recorded_at": "2026-12-05T10:00:00+00:00",
+                 "recorded_inputs": {k: v[:16] for k, v in parts.items()}, "drift": None if drift is None else list(drift),
+                 "reasons": []}, **extra)
+
+
+def test_verdict_needs_the_same_inputs_and_no_drift() -> None:
+    parts = {"collection code": "a" * 64, "facts of gpu1": "b" * 64, "variables of gpu1": "c" * 64}
+    assert fp.verdict(_probe(parts), parts) == {"converged": True, "reasons": []}
+    # GPUs, driver or topology: the facts of the host, so its inputs, differ.
+    moved = dict(parts, **{"facts of gpu1": "d" * 64})
+    result = fp.verdict(_probe(parts), moved)
+    assert not result["converged"] and result["reasons"] == [
+        "the inputs changed since 2026-12-05T10:00:00+00:00: facts of gpu1"]
+    # A difference beyond the digits the probe returns is still a change.
+    late = dict(parts, **{"facts of gpu1": "b" * 63 + "e"})
+    assert not fp.verdict(_probe(parts), late)["converged"]
+    assert fp.verdict(_probe(parts, drift=["common: /etc/x changed"]), parts) == {
+        "converged": False, "reasons": ["common: /etc/x changed"]}
+    # No record, no probe, the fast path off, a probe that did not compare: never converged.
+    assert fp.verdict({"recorded_fingerprint": None, "reasons": ["nothing recorded yet (...)"]}, parts) == {
+        "converged": False, "reasons": ["nothing recorded yet (...)"]}
+    assert not fp.verdict(None, parts)["converged"]
+    assert not fp.verdict({"skipped": True}, parts)["converged"]
+    assert not fp.verdict(_probe(parts), parts, fast_path=False)["converged"]
+    assert not fp.verdict(_probe(parts, drift=None), parts)["converged"]
 
 
 def test_every_stage_play_first_skips_converged_hosts() -> None:

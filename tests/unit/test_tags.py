@@ -11,10 +11,13 @@ include that ``--list-tasks`` cannot expand, everything the included files hold.
 
 What legitimately runs under every stage tag, read-only (README.md, "What site.yml does"):
 
-* the plan (playbooks/preflight.yml): GPU facts, the plan and its asserts, first;
-* the fast path (playbooks/fast_path.yml): the one fact gathering, the fingerprint and the
-  probe of each host's record, and each stage play's first task, which ends a host the
-  probe found unchanged (``meta: end_host``);
+* the probe (playbooks/probe.yml), first: each host's one call, which gathers its facts,
+  its GPU facts and its managed state and reads its record;
+* the plan (playbooks/preflight.yml): the plan and its asserts (GPU facts when the probe
+  has none);
+* the fast path (playbooks/fast_path.yml): the fingerprint and the decision from each
+  host's probe, and each stage play's first task, which ends a host the probe found
+  unchanged (``meta: end_host``);
 * Ansible's own argument validation of each role (``validate_argument_spec``, which Ansible
   tags ``always`` itself), and the fact gathering of a play without a tag of its own (which
   ``--list-tasks`` does not show; ansible.cfg's ``gathering = smart`` answers it from the
@@ -47,7 +50,7 @@ NAMESPACE = "aphrodite.baremetal."
 # The tag that selects each playbook of site.yml is its name, but preflight's is plan; the
 # plan and the fast path also run under every other tag, the record only in a complete run.
 STAGE_TAG = {"preflight": "plan", "fleet_model": "plan"}
-EVERY_TAG = {"preflight", "fleet_model", "fast_path"}
+EVERY_TAG = {"probe", "preflight", "fleet_model", "fast_path"}
 STAGES = ["plan", "common", "firewall", "gpu_hosts", "storage", "engines", "edge", "monitoring", "verify"]
 
 # Modules that only read (facts, checks, messages, flow).

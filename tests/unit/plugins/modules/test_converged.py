@@ -209,3 +209,69 @@ def test_inputs_name_what_changed_and_match_the_filter_digest(host: dict) -> Non
     grown = dict(inputs, **{"variables of gpu2": "v", "facts of gpu2": "f"})
     reasons = run({"inputs": grown, "path": str(host["record"])})["reasons"]
     assert reasons[0].endswith(": facts of gpu2, variables of gpu2"), reasons
+
+
+def test_probe_returns_facts_the_record_and_the_drift_in_one_call(host: dict, tmp_path: Path) -> None:
+    from ansible_collections.aphrodite.baremetal.plugins.module_utils import _fingerprint
+
+    probe_args = {"state": "probe", "path": str(host["record"]), "gather_subset": ["min"]}
+    nothing = run(probe_args)
+    assert nothing["changed"] is False and nothing["recorded_fingerprint"] is None and nothing["drift"] is None
+    assert "nothing recorded yet" in nothing["reasons"][0]
+    facts = nothing["ansible_facts"]
+    # Named as setup names them, and marked gathered so `gathering = smart` keeps them.
+    assert facts["_ansible_facts_gathered"] is True and "ansible_distribution" in facts and "ansible_python" in facts
+    assert "aphrodite_gpus" not in facts and nothing["gpu_problem"] is None
+
+    inputs = {"collection code": "c" * 64, "facts of gpu1": "f" * 64}
+    run({"state": "record", "inputs": inputs, "watch": host["watch"], "path": str(host["record"]), "max_hash_bytes": 1024})
+    steady = run(probe_args)
+    assert steady["recorded_fingerprint"] == _fingerprint.digest_of_parts(inputs)
+    assert steady["recorded_inputs"] == {"collection code": "c" * 16, "facts of gpu1": "f" * 16}
+    assert steady["drift"] == []
+    assert _fingerprint.verdict(steady, inputs) == {"converged": True, "reasons": []}
+
+    (host["etc"] / "haproxy.cfg").write_text("global\n  maxconn 1\n")
+    drifted = run(probe_args)
+    assert any("haproxy.cfg changed" in reason for reason in drifted["drift"]), drifted["drift"]
+    assert _fingerprint.verdict(drifted, inputs)["converged"] is False
+    # The fast path off: facts only, no snapshot.
+    assert run(dict(probe_args, compare=False))["drift"] is None
+
+
+def test_probe_reads_the_gpus_or_says_why_not(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'garbage that is no CSV'\n")
+    smi.chmod(0o755)
+    args = {"state": "probe", "path": str(tmp_path / "none.json"), "gather_subset": ["min"], "gpus": True}
+    # The module finds nvidia-smi on PATH, as gpu_facts does with its defaults.
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    broken = run(args)
+    assert "aphrodite_gpus" not in broken["ansible_facts"] and broken["gpu_problem"], broken["gpu_problem"]
+    smi.unlink()
+    none = run(args)
+    assert none["gpu_problem"] is None and none["ansible_facts"]["aphrodite_gpus"]["count"] == 0
+
+
+def test_one_systemctl_and_one_package_query_for_every_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    class Fake:
+        def get_bin_path(self, name):
+            return {"systemctl": "/bin/systemctl", "dpkg-query": "/usr/bin/dpkg-query"}.get(name)
+
+        def run_command(self, argv, environ_update=None):
+            calls.append(argv[0])
+            if argv[0] == "/bin/systemctl":
+                units = argv[argv.index("--") + 1:]
+                return 0, "\n\n".join(f"Id={u}\nActiveState=active\nUnitFileState=enabled" for u in units), ""
+            names = argv[argv.index("--") + 1:]
+            return 0, "".join(f"{n} 1.0 ii \n" for n in names), ""
+
+    watch = {"common": {"units": ["a.service", "b.service"], "packages": ["curl"]},
+             "haproxy": {"units": ["a.service", "haproxy.service"], "packages": ["haproxy=2.8*", "curl"]}}
+    taken = converged.snapshot(Fake(), watch, 1024)
+    assert calls == ["/bin/systemctl", "/usr/bin/dpkg-query"]
+    assert taken["haproxy"]["units"] == {"a.service": "active/enabled", "haproxy.service": "active/enabled"}
+    assert taken["haproxy"]["packages"] == {"curl": "1.0", "haproxy": "1.0"}
+    assert taken["common"]["packages"] == {"curl": "1.0"}
