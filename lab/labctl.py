@@ -8,7 +8,11 @@ and rebuilt only when its recipe changes.
 
 GPU nodes carry test fixtures that stand in for hardware this machine does not
 have: an ``nvidia-smi`` that replays recorded output of an 8×H100 server and a
-CDI spec naming those devices.  The roles never know the difference.
+CDI spec naming those devices.  The roles never know the difference.  A GPU node
+given a hardware fixture (``--gpu-hardware NAME=PROFILE``, or ``lab_gpu_hardware``
+in the inventory) has neither: only its PCI bus (lspci) is recorded, and the roles
+install the driver, Fabric Manager, the container toolkit and Docker CE from the
+lab package repository (lab/pkgrepo.py), which labctl then builds and serves.
 
 Usage::
 
@@ -36,6 +40,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pkgrepo  # noqa: E402 - the lab package repository, beside this file
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB_DIR = ROOT / "lab"
@@ -71,6 +78,8 @@ class Host:
     name: str
     address: str
     groups: list[str] = field(default_factory=list)
+    # A recorded server (lab/fixtures/gpu/hardware/<name>.json) whose driver the roles install.
+    hardware: str | None = None
 
     @property
     def is_gpu(self) -> bool:
@@ -226,6 +235,8 @@ def inventory_hosts() -> tuple[list[Host], str]:
             host = hosts.setdefault(name, Host(name=name, address=""))
             if hvars and hvars.get("ansible_host"):
                 host.address = hvars["ansible_host"]
+            if hvars and hvars.get("lab_gpu_hardware"):
+                host.hardware = hvars["lab_gpu_hardware"]
             if group != "all" and group not in host.groups:
                 host.groups.append(group)
         for child, sub in (node.get("children") or {}).items():
@@ -419,13 +430,25 @@ def start_host(lab: str, host: Host, image: str, network: str, key: Path) -> boo
         if group in host.groups:
             volume = f"aphrodite-{lab}-{host.name}-{path.strip('/').replace('/', '-')}"
             cmd += ["--mount", f"type=volume,src={volume},dst={path},volume-label={LABEL}={lab}"]
-    if host.is_gpu:
-        gpu = LAB_DIR / "fixtures" / "gpu"
+    gpu = LAB_DIR / "fixtures" / "gpu"
+    if host.hardware:
+        cmd += ["-v", f"{RECORDED_GPU}:/usr/local/share/lab-gpu/recorded:ro",
+                "-v", f"{hardware_file(host.hardware)}:/usr/local/share/lab-gpu/hardware.json:ro",
+                "-v", f"{gpu / 'lspci'}:/usr/local/bin/lspci:ro"]
+    elif host.is_gpu:
         cmd += ["-v", f"{RECORDED_GPU}:/usr/local/share/lab-gpu/recorded:ro",
                 "-v", f"{gpu / 'nvidia-smi'}:/usr/local/bin/nvidia-smi:ro",
                 "-v", f"{gpu / 'cdi-lab.yaml'}:/etc/cdi/lab-gpus.yaml:ro"]
     docker(*cmd, image, "/sbin/init")
     return True
+
+
+def hardware_file(name: str) -> Path:
+    path = LAB_DIR / "fixtures" / "gpu" / "hardware" / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.json"))
+        raise LabError(f"no GPU hardware fixture {name!r}; use one of {', '.join(known)}")
+    return path
 
 
 def wait_ssh(hosts: list[Host], timeout: float = 90.0) -> None:
@@ -480,9 +503,13 @@ def wait_running(hosts: list[Host], timeout: float = 60.0) -> None:
 
 def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     image = build_image()
+    for host in hosts:
+        if host.hardware:
+            hardware_file(host.hardware)
     if any(h.is_gpu for h in hosts):
         build_engine_image()
         build_dcgm_image()
+    repo = pkgrepo.build(build_base(apt_mirror())) if any(h.hardware for h in hosts) else None
     names = lab_names(lab)
     state = Path(names["state"])
     state.mkdir(parents=True, exist_ok=True)
@@ -490,6 +517,8 @@ def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     ensure_secrets()
     ensure_network(names["network"], subnet, lab)
     ensure_package_cache()
+    if repo is not None:
+        pkgrepo.ensure_served(repo, lab_gateways())
     created = [h for h in hosts if start_host(lab, h, image, names["network"], key)]
     wait_running(hosts)
     wait_ssh(hosts)
@@ -497,7 +526,8 @@ def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     info = {
         "lab": lab, "network": names["network"], "subnet": subnet, "image": image,
         "ssh_user": ADMIN_USER, "ssh_key": str(key), "known_hosts": str(known),
-        "hosts": [{"name": h.name, "address": h.address, "groups": h.groups} for h in hosts],
+        "hosts": [{"name": h.name, "address": h.address, "groups": h.groups, "gpu_hardware": h.hardware}
+                  for h in hosts],
         "created": [h.name for h in created],
     }
     (state / "lab.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -580,12 +610,13 @@ def down(lab: str | None) -> None:
         docker("network", "rm", net)
     if not lab_gateways():
         stop_package_cache()  # its cache stays in .lab/apt-cache for the next lab
+        pkgrepo.stop()  # and the package repository in .lab/pkg-repo
     stop_ssh_masters(addresses)
     if lab:
         shutil.rmtree(STATE_ROOT / lab, ignore_errors=True)
     else:
         for entry in STATE_ROOT.glob("*"):
-            if entry.name not in ("ssh", "images", "secrets", "apt-cache"):
+            if entry.name not in ("ssh", "images", "secrets", "apt-cache", "pkg-repo"):
                 shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -618,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument("--subnet", help="defaults to lab_subnet from inventories/lab")
     p_up.add_argument("--host", action="append", default=[], metavar="NAME[:GROUP,...]",
                       help="hosts to start instead of those in inventories/lab")
+    p_up.add_argument("--gpu-hardware", action="append", default=[], metavar="NAME=PROFILE",
+                      help="give GPU node NAME the recorded server PROFILE (lab/fixtures/gpu/hardware) "
+                           "instead of a preinstalled driver")
     p_up.add_argument("--json", action="store_true", help="print the lab description as JSON")
     p_up.add_argument("--instance-config", metavar="PATH",
                       help="also write Molecule's instance config (how to reach each host)")
@@ -646,6 +680,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 hosts, subnet = inventory_hosts()
                 subnet = args.subnet or subnet
+            for spec in args.gpu_hardware:
+                name, _, profile = spec.partition("=")
+                match = [h for h in hosts if h.name == name]
+                if not match or not profile:
+                    raise LabError(f"--gpu-hardware {spec}: give NAME=PROFILE for one of the hosts")
+                match[0].hardware = profile
             info = up(args.lab, hosts, subnet)
             if args.instance_config:
                 write_instance_config(Path(args.instance_config), info)
@@ -660,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
             return status(args.lab)
         elif args.cmd == "down":
             down(None if args.all else args.lab)
-    except LabError as exc:
+    except (LabError, pkgrepo.RepoError) as exc:
         print(f"labctl: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -10,7 +10,7 @@ log() { printf 'bootstrap: %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: the Docker engine, debootstrap for the host image,
-# apt-cacher-ng (the labs' package cache, lab/labctl.py), the linters
+# apt-cacher-ng (the labs' package cache, lab/labctl.py), apt-utils, the linters
 # (shellcheck), promtool for the alert rule tests (package prometheus) and
 # git.  Install only what is missing.
 need=()
@@ -21,6 +21,7 @@ command -v shellcheck >/dev/null || need+=(shellcheck)
 command -v promtool >/dev/null || need+=(prometheus)
 command -v git >/dev/null || need+=(git)
 [ -x /usr/sbin/apt-cacher-ng ] || need+=(apt-cacher-ng)
+command -v apt-ftparchive >/dev/null || need+=(apt-utils)  # indexes the lab package repository (lab/pkgrepo.py)
 command -v ip >/dev/null || need+=(iproute2)  # labctl finds the lab networks' gateways with it
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ "${#need[@]}" -gt 0 ]; then

@@ -1,5 +1,9 @@
-"""GPU node and plain node, checked through the running dockerd, the kernel's module
-configuration and apt, not by reading back what the roles wrote."""
+"""GPU nodes and a plain node after the roles' production install path, checked through
+the running dockerd and services, the kernel's module configuration, nvidia-smi and
+apt, not by reading back what the roles wrote.
+
+The lab package repository (lab/pkgrepo.py) offers the next driver branch and newer
+Docker CE and toolkit versions than the roles pin: only the pins keep them out."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +20,36 @@ import pytest
 SCENARIO = Path(__file__).resolve().parents[1]
 IMAGE = "lab-busybox"
 GPU_NAMES = [f"LAB_GPU_{n}" for n in range(8)]
+DRIVER = "550.90.07"
+NEXT_DRIVER = "570.172.08"
+DOCKER_CE = "5:28.5.2-1~debian.13~trixie"
+TOOLKIT = "1.17.8-1"
+# The recorded servers of molecule.yml's gpu_hardware: GPU count, NVSwitches.
+HARDWARE = {"gh-gpu1": (8, True), "gh-gpu2": (5, False)}
+DRIVER_PACKAGES = ["cuda-drivers-550", "nvidia-kernel-open-dkms", "nvidia-driver-cuda", "nvidia-smi", "libcuda1",
+                   "libnvidia-ml1", "nvidia-persistenced", "nvidia-kernel-support"]
+FABRIC_MANAGER = ["nvidia-fabricmanager-550", "libnvidia-nscq-550"]
+DOCKER_PACKAGES = ["docker-ce", "docker-ce-cli", "containerd.io"]
+TOOLKIT_PACKAGES = ["nvidia-container-toolkit", "nvidia-container-toolkit-base", "libnvidia-container-tools",
+                    "libnvidia-container1"]
 
 
 def _groups(host) -> list[str]:
     return host.ansible.get_variables().get("group_names", [])
+
+
+def _name(host) -> str:
+    return host.ansible.get_variables()["inventory_hostname"]
+
+
+def _installed(host, package: str) -> str | None:
+    result = host.run(f"dpkg-query -W -f '${{db:Status-Status}} ${{Version}}' {package}")
+    status, _, version = result.stdout.partition(" ")
+    return version if result.rc == 0 and status == "installed" else None
+
+
+def _held(host) -> set[str]:
+    return set(host.check_output("apt-mark showhold").split())
 
 
 @pytest.fixture()
@@ -95,11 +126,70 @@ def test_cdi_device_1_gives_exactly_gpu_1(gpu_node, image):
     assert env.get("LAB_CDI") == "aphrodite-lab"
 
 
-def test_cdi_devices_0_and_5_give_exactly_those(gpu_node, image):
+def test_cdi_devices_0_and_the_last_give_exactly_those(gpu_node, image):
+    last = HARDWARE[_name(gpu_node)][0] - 1
     with gpu_node.sudo():
         out = gpu_node.check_output(
-            f"docker run --rm --device nvidia.com/gpu=0 --device nvidia.com/gpu=5 {image} env")
-    assert sorted(set(re.findall(r"^(LAB_GPU_\d)=present$", out, re.M))) == ["LAB_GPU_0", "LAB_GPU_5"]
+            f"docker run --rm --device nvidia.com/gpu=0 --device nvidia.com/gpu={last} {image} env")
+    assert sorted(set(re.findall(r"^(LAB_GPU_\d)=present$", out, re.M))) == ["LAB_GPU_0", f"LAB_GPU_{last}"]
+
+
+def test_cdi_spec_names_every_gpu_of_the_loaded_driver(gpu_node, image):
+    count = HARDWARE[_name(gpu_node)][0]
+    with gpu_node.sudo():
+        out = gpu_node.check_output(f"docker run --rm --device nvidia.com/gpu=all {image} env")
+        runtimes = _info(gpu_node)["Runtimes"]
+    assert sorted(set(re.findall(r"^(LAB_GPU_\d)=present$", out, re.M))) == [f"LAB_GPU_{n}" for n in range(count)]
+    # nvidia-ctk generated it from what the loaded driver reports.
+    assert re.search(rf"^LAB_DRIVER={re.escape(DRIVER)}$", out, re.M)
+    # nvidia-ctk runtime configure's key, merged into daemon.json by the role.
+    assert runtimes["nvidia"]["path"] == "nvidia-container-runtime"
+
+
+def test_driver_comes_from_the_pinned_branch_though_the_next_one_is_offered(gpu_node):
+    offered = gpu_node.check_output("apt-cache madison nvidia-kernel-open-dkms")
+    assert f"{NEXT_DRIVER}-1" in offered
+    assert {p: _installed(gpu_node, p) for p in DRIVER_PACKAGES} == {p: f"{DRIVER}-1" for p in DRIVER_PACKAGES}
+    assert _installed(gpu_node, "cuda-drivers-570") is None
+
+
+def test_nvidia_smi_reports_the_driver_with_persistence_mode_on(gpu_node):
+    assert gpu_node.service("nvidia-persistenced").is_running
+    assert gpu_node.service("nvidia-persistenced").is_enabled
+    rows = gpu_node.check_output("nvidia-smi --query-gpu=driver_version,persistence_mode --format=csv,noheader")
+    assert rows.splitlines() == [f"{DRIVER}, Enabled"] * HARDWARE[_name(gpu_node)][0]
+
+
+def test_driver_toolkit_and_docker_packages_are_held(gpu_node):
+    held = _held(gpu_node)
+    assert set(DRIVER_PACKAGES + DOCKER_PACKAGES + TOOLKIT_PACKAGES) <= held
+    # The container toolkit is not the driver: not pinned to the driver branch.
+    assert {p: _installed(gpu_node, p) for p in TOOLKIT_PACKAGES} == {p: TOOLKIT for p in TOOLKIT_PACKAGES}
+
+
+def test_fabric_manager_runs_where_the_server_has_nvswitches(gpu_node):
+    if not HARDWARE[_name(gpu_node)][1]:
+        pytest.skip("NVSwitch servers only")
+    assert {p: _installed(gpu_node, p) for p in FABRIC_MANAGER} == {p: f"{DRIVER}-1" for p in FABRIC_MANAGER}
+    assert set(FABRIC_MANAGER) <= _held(gpu_node)
+    service = gpu_node.service("nvidia-fabricmanager")
+    assert service.is_running
+    assert service.is_enabled
+
+
+def test_pcie_server_gets_no_fabric_manager(gpu_node):
+    if HARDWARE[_name(gpu_node)][1]:
+        pytest.skip("servers without NVSwitches only")
+    assert [p for p in FABRIC_MANAGER if _installed(gpu_node, p)] == []
+    assert not gpu_node.service("nvidia-fabricmanager").is_running
+
+
+def test_docker_ce_runs_at_the_pinned_version(host):
+    assert {p: _installed(host, p) for p in DOCKER_PACKAGES[:2]} == {p: DOCKER_CE for p in DOCKER_PACKAGES[:2]}
+    assert _installed(host, "docker.io") is None
+    # The repository offers a newer Docker CE; the pin keeps it out, the hold keeps it so.
+    assert "29.0.1" in host.check_output("apt-cache madison docker-ce")
+    assert set(DOCKER_PACKAGES) <= _held(host)
 
 
 def test_unknown_cdi_device_is_refused(gpu_node, image):
@@ -129,8 +219,8 @@ def test_host_without_gpus_has_nothing_gpu_related(plain_node):
     assert [p for p in packages if re.match(r"(lib)?nvidia|cuda|libcuda", p)] == []
     assert not plain_node.file("/etc/apt/sources.list.d/nvidia-container-toolkit.sources").exists
     assert not plain_node.file("/etc/apt/preferences.d/aphrodite-nvidia-driver").exists
-    # dockerd was not asked for CDI (Docker 26 needs the feature flag for it).
-    assert not _info(plain_node).get("CDISpecDirs")
+    # No CDI spec: Docker CE 28.2 and later look for specs everywhere, and find none here.
+    assert plain_node.run("ls /etc/cdi /var/run/cdi 2>/dev/null | grep -E '[.](yaml|json)$'").rc != 0
 
 
 def _playbook(playbook: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -143,33 +233,82 @@ def _playbook(playbook: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_loaded_branch_means_nothing_to_install(gpu_node):
-    run = _playbook(SCENARIO / "converge.yml", "--limit", "gpu_nodes", "--tags", "nvidia_driver")
+    run = _playbook(SCENARIO / "converge.yml", "--limit", _name(gpu_node), "--tags", "nvidia_driver")
     assert run.returncode == 0, run.stdout[-3000:]
     assert "branch 550 is loaded (550.90.07): nothing to install" in run.stdout
     assert re.search(r"changed=0\s", run.stdout)
 
 
-def _failed_tasks(output: str) -> list[str]:
-    """Names of the tasks that failed in a playbook run's output."""
-    failed, task = [], None
-    for line in output.splitlines():
-        match = re.match(r"^TASK \[(.+)\]", line)
-        if match:
-            task = match.group(1)
-        elif line.startswith("fatal: "):
-            failed.append(task)
-    return failed
+def _restart(node) -> None:
+    """The node's reboot: its container restarts, /run (the loaded module) is empty again."""
+    subprocess.run(["docker", "restart", _name(node)], check=True, capture_output=True, timeout=120)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if node.run("systemctl is-system-running").stdout.strip() in ("running", "degraded"):
+                return
+        except RuntimeError:
+            pass  # sshd is not listening yet
+        assert time.monotonic() < deadline, "the node did not come back after its restart"
+        time.sleep(1)
 
 
-def test_other_branch_takes_the_install_path_up_to_the_unreachable_repository(gpu_node):
-    run = _playbook(SCENARIO / "other_branch.yml")
-    assert run.returncode != 0
-    assert ("branch 550 is loaded (550.90.07), 570 is wanted: "
-            "installing branch 570 from the cuda source in its place.") in run.stdout
-    # The failure is the first step that needs NVIDIA's servers, nothing before it.
-    assert _failed_tasks(run.stdout) == ["aphrodite.baremetal.nvidia_driver : Add NVIDIA's CUDA repository"], \
-        run.stdout[-3000:]
-    assert "Could not fetch signed_by key" in run.stdout
-    # Nothing was changed before that step: no repository, the pin still on the loaded branch.
-    assert not gpu_node.file("/etc/apt/sources.list.d/nvidia-cuda.sources").exists
+# Last, since it changes the node: the branch upgrade on the NVSwitch server, where
+# Fabric Manager must follow the driver to its exact version.
+def test_branch_upgrade_is_reported_in_check_mode_done_without_reboot_and_loaded_after_it(gpu_node):
+    if not HARDWARE[_name(gpu_node)][1]:
+        pytest.skip("once, on the NVSwitch server")
+    name = _name(gpu_node)
+    wanted = (f"branch 550 is loaded ({DRIVER}), 570 is wanted: "
+              "installing branch 570 from the cuda source in its place.")
+
+    check = _playbook(SCENARIO / "other_branch.yml", "--limit", name, "--check")
+    assert check.returncode == 0, check.stdout[-3000:]
+    assert wanted in check.stdout
+    assert _installed(gpu_node, "cuda-drivers-570") is None
     assert gpu_node.file("/etc/apt/preferences.d/aphrodite-nvidia-driver").contains("^Pin: version 550\\.\\*$")
+
+    run = _playbook(SCENARIO / "other_branch.yml", "--limit", name)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert wanted in run.stdout
+    assert f"REBOOT PENDING on {name}: NVIDIA driver {NEXT_DRIVER} is installed" in run.stdout
+    upgraded = ["cuda-drivers-570", "nvidia-kernel-open-dkms", "nvidia-smi", "nvidia-fabricmanager-570",
+                "libnvidia-nscq-570"]
+    assert {p: _installed(gpu_node, p) for p in upgraded} == {p: f"{NEXT_DRIVER}-1" for p in upgraded}
+    assert _installed(gpu_node, "nvidia-fabricmanager-550") is None
+    # Unheld to upgrade, held again after it.
+    assert set(upgraded) <= _held(gpu_node)
+    # No reboot without nvidia_driver_reboot_ok: the old module is still the loaded one.
+    assert gpu_node.run("nvidia-smi -L").rc == 18
+
+    _restart(gpu_node)
+    after = _playbook(SCENARIO / "other_branch.yml", "--limit", name)
+    assert after.returncode == 0, after.stdout[-3000:]
+    assert f"branch 570 is loaded ({NEXT_DRIVER}): nothing to install" in after.stdout
+    rows = gpu_node.check_output("nvidia-smi --query-gpu=driver_version,persistence_mode --format=csv,noheader")
+    assert set(rows.splitlines()) == {f"{NEXT_DRIVER}, Enabled"}
+    assert gpu_node.service("nvidia-fabricmanager").is_running
+
+
+# Last, since it changes the node: the PCIe server loses its kernel's headers (their
+# package and the archive that has them), then is asked for another branch.
+def test_missing_kernel_headers_stop_the_branch_change_before_anything_changes(gpu_node):
+    if HARDWARE[_name(gpu_node)][1]:
+        pytest.skip("once, on the PCIe server")
+    name = _name(gpu_node)
+    kernel = gpu_node.check_output("uname -r")
+    with gpu_node.sudo():
+        gpu_node.check_output(f"apt-get remove -y -q linux-headers-{kernel}")
+        gpu_node.check_output("rm /etc/apt/sources.list.d/lab-kernel.sources && apt-get update -q")
+    pin_before = gpu_node.file("/etc/apt/preferences.d/aphrodite-nvidia-driver").content_string
+
+    run = _playbook(SCENARIO / "other_branch.yml", "--limit", name)
+    assert run.returncode != 0
+    assert re.findall(r"^fatal: \[(\S+)\]", run.stdout, re.M) == [name], run.stdout[-3000:]
+    # The JSON result keeps the message on one line.
+    message = next(line for line in run.stdout.splitlines() if "\"msg\"" in line and "no package source of the host" in line)
+    assert f"offers its headers (linux-headers-{kernel})" in message
+    assert "Nothing was installed" in message and "apt install linux-image-amd64 linux-headers-amd64" in message
+    assert gpu_node.file("/etc/apt/preferences.d/aphrodite-nvidia-driver").content_string == pin_before
+    assert _installed(gpu_node, "cuda-drivers-570") is None
+    assert _installed(gpu_node, "nvidia-smi") == f"{DRIVER}-1"

@@ -56,3 +56,16 @@ def test_recipe_digest_changes_with_any_part() -> None:
     assert base == labctl.recipe_digest([b"a", b"b"])
     assert base != labctl.recipe_digest([b"a", b"c"])
     assert base != labctl.recipe_digest([b"ab"])
+
+
+def test_gpu_hardware_fixtures_name_recorded_files_and_unknown_ones_are_refused() -> None:
+    import json
+
+    for path in sorted((ROOT / "lab" / "fixtures" / "gpu" / "hardware").glob("*.json")):
+        recorded = json.loads(path.read_text())
+        assert set(recorded) == {"query", "topo", "lspci"}, path
+        for name in recorded.values():
+            assert (labctl.RECORDED_GPU / name).is_file(), (path, name)
+    assert labctl.hardware_file("h100x8-nvswitch").name == "h100x8-nvswitch.json"
+    with pytest.raises(labctl.LabError, match="use one of h100x8-nvswitch, l40s-pcie"):
+        labctl.hardware_file("h100x9")
