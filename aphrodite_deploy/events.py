@@ -20,7 +20,7 @@ import yaml
 RECAP = (("ok", "ok"), ("changed", "changed"), ("failures", "failed"), ("dark", "unreachable"),
          ("skipped", "skipped"), ("rescued", "rescued"), ("ignored", "ignored"))
 RESULT_EVENTS = ("runner_on_ok", "runner_on_failed", "runner_on_skipped", "runner_on_unreachable")
-# Variables that playbooks/status.yml and roles/engine/tasks/rolling_one.yml print for the CLI.
+# Variables that playbooks/status.yml and roles/engine/tasks/replace_one.yml print for the CLI.
 REPORT_KEYS = ("aphrodite_status_containers", "aphrodite_status_lb", "aphrodite_status_metrics", "aphrodite_rolling_order",
                "__engine_rolling_progress")
 HIDDEN = "the output has been hidden due to the fact that 'no_log: true' was specified for this result"

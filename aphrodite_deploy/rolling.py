@@ -1,6 +1,6 @@
 """``rolling-restart`` and ``upgrade``: what the roll did, per replica, from playbooks/rolling.yml's events.
 
-roles/engine/tasks/rolling_one.yml prints ``__engine_rolling_progress`` at each step of a
+roles/engine/tasks/replace_one.yml prints ``__engine_rolling_progress`` at each step of a
 replica (started, drained, restarted, healthy, done, or failed with the task and the
 reason) and playbooks/rolling.yml prints ``aphrodite_rolling_order``, every replica the
 roll covers. From those this module tells which replicas were rolled, which one failed

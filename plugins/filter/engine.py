@@ -26,13 +26,14 @@ def _set(args: list, flag: str, value: str) -> None:
         args.extend([flag, value])
 
 
-def engine_container_argv(argv: Any, model_path: str, served_model_name: str, bind_address: str) -> list:
+def engine_container_argv(argv: Any, model_path: str, served_model_name: str, bind_address: str,
+                          defaults: Mapping | None = None) -> list:
     """The planner's node arguments, for a container that loads the staged model.
 
     ``--model`` becomes the model's path inside the container and the model id is kept as
     ``--served-model-name`` (what clients ask for); ``--host`` is the node's private
-    address unless the plan already binds one. Flags are never added beyond these three,
-    all of which exist in the pinned engine release.
+    address unless the plan already binds one; each flag of ``defaults`` (the engine
+    role's own, such as ``--shutdown-timeout``) is added unless the plan sets it.
     """
     if not isinstance(argv, (list, tuple)) or "--model" not in argv:
         raise AnsibleFilterError("engine_container_argv expects the argv of a replica from aphrodite.baremetal.host_replicas")
@@ -44,6 +45,13 @@ def engine_container_argv(argv: Any, model_path: str, served_model_name: str, bi
         if not bind_address:
             raise AnsibleFilterError("engine_container_argv needs the node's bind address; set aphrodite_bind_address")
         args.extend(["--host", str(bind_address)])
+    if defaults is not None and not isinstance(defaults, Mapping):
+        raise AnsibleFilterError(f"engine_container_argv defaults must be a mapping of flag to value, got {defaults!r}")
+    for flag, value in (defaults or {}).items():
+        if not str(flag).startswith("--"):
+            raise AnsibleFilterError(f"engine_container_argv default {flag!r} must be a --flag")
+        if flag not in args:
+            args.extend([str(flag), str(value)])
     return args
 
 

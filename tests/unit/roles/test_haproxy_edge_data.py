@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
+import yaml
 from ansible.errors import AnsibleFilterError
 
 from ansible_collections.aphrodite.baremetal.plugins.filter import edge as edge_filter
@@ -226,3 +228,17 @@ def test_bad_keys_are_named_without_their_value(keys, message):
     with pytest.raises(_edge.EdgeError, match=message) as error:
         _edge.api_key_entries(keys, roles)
     assert "0123456789abcde" not in str(error.value)
+
+
+def test_the_verify_key_has_its_own_role_inference_only_and_no_rate_limit() -> None:
+    """playbooks/verify.yml sends with haproxy_verify_api_key: never a client's key, never throttled."""
+    role = Path(__file__).resolve().parents[3] / "roles" / "haproxy"
+    verify_roles = yaml.safe_load((role / "vars" / "main.yml").read_text())["__haproxy_verify_roles"]
+    roles = _edge.validate_roles({**ROLES, **verify_roles}, ENDPOINTS)
+    entries = _edge.api_key_entries([{"name": "lab-client", "key": "c" * 32, "role": "customer"},
+                                     {"name": "aphrodite-verify", "key": "v" * 32, "role": "aphrodite-verify"}], roles)
+    verify = next(e for e in entries if e["name"] == "aphrodite-verify")
+    assert verify["rate_limit"] == 0
+    assert set(roles["aphrodite-verify"]["endpoints"]) == {"chat", "completions", "embeddings"}
+    playbook = (role.parents[1] / "playbooks" / "verify.yml").read_text()
+    assert "haproxy_verify_api_key" in playbook and "haproxy_api_keys" not in playbook

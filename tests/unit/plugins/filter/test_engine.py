@@ -33,6 +33,15 @@ def test_a_bound_host_and_served_name_in_the_plan_are_kept() -> None:
     assert argv[argv.index("--served-model-name") + 1] == "llama"
 
 
+def test_role_defaults_are_added_unless_the_plan_sets_them() -> None:
+    argv = engine_container_argv(PLAN_ARGV, "/models/x", "x", "10.0.0.5", {"--shutdown-timeout": 60})
+    assert argv[-2:] == ["--shutdown-timeout", "60"]
+    argv = engine_container_argv(PLAN_ARGV + ["--shutdown-timeout", "5"], "/models/x", "x", "10.0.0.5", {"--shutdown-timeout": 60})
+    assert argv.count("--shutdown-timeout") == 1 and argv[argv.index("--shutdown-timeout") + 1] == "5"
+    with pytest.raises(AnsibleFilterError, match="must be a --flag"):
+        engine_container_argv(PLAN_ARGV, "/models/x", "x", "10.0.0.5", {"shutdown-timeout": 60})
+
+
 @pytest.mark.parametrize("argv, address, message", [
     (["--port", "2242"], "10.0.0.5", "expects the argv of a replica"),
     (["--model"], "10.0.0.5", "has no value"),
