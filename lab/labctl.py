@@ -337,22 +337,11 @@ def _local_addresses() -> list[str]:
 
 
 def _cache_pid() -> int | None:
-    try:
-        pid = int((CACHE_DIR / "run" / "pid").read_text().strip())
-        os.kill(pid, 0)
-        return pid
-    except (OSError, ValueError):
-        return None
+    return pkgrepo.daemon_pid(CACHE_DIR / "run" / "pid")
 
 
 def stop_package_cache() -> None:
-    pid = _cache_pid()
-    if pid is None:
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    while _cache_pid() is not None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    pkgrepo.stop_daemon(CACHE_DIR / "run" / "pid")
 
 
 def ensure_package_cache() -> None:

@@ -424,23 +424,33 @@ def build(base_image: str) -> Path:
 RUN = STATE / "run"
 
 
-def _server_pid() -> int | None:
+def daemon_pid(pidfile: Path) -> int | None:
+    """The process ``pidfile`` names, if it still runs (the lab's daemons: this server, the apt cache)."""
     try:
-        pid = int((RUN / "pid").read_text().strip())
+        pid = int(pidfile.read_text().strip())
         os.kill(pid, 0)
         return pid
     except (OSError, ValueError):
         return None
 
 
-def stop() -> None:
-    pid = _server_pid()
+def stop_daemon(pidfile: Path) -> None:
+    """SIGTERM to the process ``pidfile`` names; waits up to 10 s for it to end."""
+    pid = daemon_pid(pidfile)
     if pid is None:
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
-    while _server_pid() is not None and time.monotonic() < deadline:
+    while daemon_pid(pidfile) is not None and time.monotonic() < deadline:
         time.sleep(0.2)
+
+
+def _server_pid() -> int | None:
+    return daemon_pid(RUN / "pid")
+
+
+def stop() -> None:
+    stop_daemon(RUN / "pid")
 
 
 def ensure_served(www: Path, gateways: list[str]) -> None:
