@@ -307,8 +307,36 @@ def ensure_network(name: str, subnet: str, lab: str) -> None:
     # Docker hands out addresses only from the upper half: pinned hosts and the
     # keepalived VIP live in the lower half, where Docker never allocates.
     upper = list(net.subnets(prefixlen_diff=1))[1]
-    docker("network", "create", "--driver", "bridge", "--subnet", subnet, "--ip-range", str(upper),
-           "--label", f"{LABEL}={lab}", name)
+    create = ["network", "create", "--driver", "bridge", "--subnet", subnet, "--ip-range", str(upper),
+              "--label", f"{LABEL}={lab}", name]
+    # "Pool overlaps" is transient when another lab on this subnet is being torn down (a
+    # Molecule destroy beside this create); wait for it a little, then name who holds it.
+    deadline = time.monotonic() + 30
+    while True:
+        proc = run(["docker", *create], check=False)
+        if proc.returncode == 0:
+            return
+        err = proc.stderr.decode(errors="replace").strip()
+        if "overlap" not in err.lower() or time.monotonic() > deadline:
+            holder = subnet_holder(subnet)
+            hint = f"; network {holder} holds it: remove its lab (or `docker network rm {holder}`)" if holder else ""
+            raise LabError(f"cannot create network {name} on {subnet}: {err}{hint}")
+        time.sleep(2)
+
+
+def subnet_holder(subnet: str) -> str | None:
+    """The Docker network whose subnet overlaps ``subnet``, if any."""
+    wanted = ipaddress.ip_network(subnet)
+    for net_id in docker("network", "ls", "-q", check=False).split():
+        out = docker("network", "inspect", "-f", "{{.Name}} {{range .IPAM.Config}}{{.Subnet}} {{end}}", net_id,
+                     check=False).split()
+        for cidr in out[1:]:
+            try:
+                if ipaddress.ip_network(cidr, strict=False).overlaps(wanted):
+                    return out[0]
+            except ValueError:
+                continue
+    return None
 
 
 # ----------------------------------------------------------------- package cache
@@ -331,11 +359,6 @@ def lab_gateways() -> list[str]:
     return sorted(found)
 
 
-def _local_addresses() -> list[str]:
-    out = run(["ip", "-4", "-o", "addr", "show"], check=False).stdout.decode()
-    return re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", out)
-
-
 def _cache_pid() -> int | None:
     return pkgrepo.daemon_pid(CACHE_DIR / "run" / "pid")
 
@@ -354,15 +377,9 @@ def ensure_package_cache() -> None:
         raise LabError("found no address of this machine on the lab networks (needs `ip`, from iproute2: "
                        "run scripts/bootstrap.sh)")
     binds = CACHE_DIR / "run" / "binds"
-    # A running cache keeps the gateways it was started with: a listening socket survives its
-    # network being removed and made again with the same gateway.  Restart only for a new one,
-    # and bind the old ones too, so labs running beside this one never see the cache go away
-    # except for that restart (scripts/molecule_lanes.py makes every network before it starts).
-    if _cache_pid() is not None and binds.exists():
-        bound = binds.read_text().split()
-        if set(gateways) <= set(bound):
-            return
-        gateways = sorted(set(gateways) | set(bound) & set(_local_addresses()))
+    gateways = pkgrepo.addresses_to_bind(_cache_pid() is not None, binds, gateways)
+    if gateways is None:
+        return
     stop_package_cache()
     for sub in ("conf", "cache", "log", "run"):
         (CACHE_DIR / sub).mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import http.server
 import os
+import re
 import shutil
 import signal
 import socket
@@ -453,12 +454,35 @@ def stop() -> None:
     stop_daemon(RUN / "pid")
 
 
+def local_addresses() -> set[str]:
+    """This machine's IPv4 addresses (``ip -4 -o addr``)."""
+    proc = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, check=False)
+    return set(re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", proc.stdout))
+
+
+def addresses_to_bind(running: bool, binds: Path, gateways: list[str]) -> list[str] | None:
+    """What a lab daemon (this server, the apt cache) must bind, or None when it can keep running.
+
+    A running daemon keeps the gateways it was started with: a listening socket survives its
+    network being removed and made again with the same gateway.  So it restarts only for a
+    gateway it does not bind yet, and then binds the old ones too (those still on this
+    machine), so labs running beside this one never lose it except for that restart.
+    """
+    if running and binds.exists():
+        bound = binds.read_text().split()
+        if set(gateways) <= set(bound):
+            return None
+        return sorted(set(gateways) | (set(bound) & local_addresses()))
+    return sorted(set(gateways))
+
+
 def ensure_served(www: Path, gateways: list[str]) -> None:
-    """An HTTP server for ``www`` on each lab gateway (restarted when that set changes)."""
+    """An HTTP server for ``www`` on each lab gateway (restarted only for a new gateway)."""
     if not gateways:
         raise RepoError("no lab network gateway to serve the package repository on")
     binds = RUN / "binds"
-    if _server_pid() is not None and binds.exists() and binds.read_text().split() == gateways:
+    gateways = addresses_to_bind(_server_pid() is not None, binds, gateways)
+    if gateways is None:
         return
     stop()
     RUN.mkdir(parents=True, exist_ok=True)

@@ -191,3 +191,17 @@ def test_nvidia_ctk_cdi_generate_fails_when_the_driver_does_not_answer(tmp_path:
                           env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
     assert proc.returncode == 1 and proc.stdout == ""
     assert "failed to initialize NVML: ERROR_DRIVER_NOT_LOADED" in proc.stderr
+
+
+def test_a_running_lab_daemon_restarts_only_for_a_gateway_it_does_not_bind(tmp_path: Path, monkeypatch) -> None:
+    binds = tmp_path / "binds"
+    binds.write_text("172.28.20.1 172.28.30.1\n")
+    monkeypatch.setattr(pkgrepo, "local_addresses", lambda: {"172.28.20.1", "172.28.30.1", "172.28.40.1"})
+    # A network re-made with a known gateway: the listening sockets survived, keep running.
+    assert pkgrepo.addresses_to_bind(True, binds, ["172.28.20.1"]) is None
+    # A new gateway: restart, keeping the old ones that still exist on this machine.
+    assert pkgrepo.addresses_to_bind(True, binds, ["172.28.40.1"]) == ["172.28.20.1", "172.28.30.1", "172.28.40.1"]
+    monkeypatch.setattr(pkgrepo, "local_addresses", lambda: {"172.28.40.1"})
+    assert pkgrepo.addresses_to_bind(True, binds, ["172.28.40.1"]) == ["172.28.40.1"]
+    # Not running: start on what is asked, whatever the stale file says.
+    assert pkgrepo.addresses_to_bind(False, binds, ["172.28.50.1"]) == ["172.28.50.1"]
