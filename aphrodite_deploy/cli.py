@@ -38,7 +38,8 @@ EXIT_CODES = f"""\
 exit status:
   {EXIT_OK}    success (status: every replica serves; deploy --check: nothing would change)
   {EXIT_ERROR}    the command could not run (unreadable inventory, vault password, no checkout, ...)
-  {EXIT_INFEASIBLE}    usage error; plan: the plan is infeasible (the reason is on stderr)
+  {EXIT_INFEASIBLE}    usage error; plan: the plan is infeasible (the reason is on stderr); deploy and
+       the rolling commands: preflight refused the inventory before any host changed
   {EXIT_DRIFT}    deploy --check: drift, some host would change (listed per host)
   {EXIT_FAILED}    a host failed or was unreachable; rolling-restart/upgrade stopped at a failed replica
   {EXIT_UNHEALTHY}    status: a replica does not serve; lab status: a lab host is not running
@@ -368,10 +369,26 @@ def _result_word(result: RunResult) -> str:
     return {"canceled": "interrupted", "timeout": "timed out"}.get(result.status, result.status)
 
 
+# The stages that only read: a failure there stopped the run before any host changed.
+READ_ONLY_STAGES = frozenset({"probe", "preflight"})
+
+
+def refused_by_preflight(log: RunLog) -> bool:
+    """The run stopped in the plan's checks, every host reached and none changed.
+
+    That is the inventory (or a host's state) violating a constraint, as `plan` exits
+    EXIT_INFEASIBLE for; the failure message names the fix.
+    """
+    return (bool(log.failures) and not log.changes
+            and all(f.stage in READ_ONLY_STAGES and not f.unreachable for f in log.failures))
+
+
 def deploy_outcome(result: RunResult, log: RunLog, check: bool) -> tuple[int, str]:
     """The exit status and one word for a deploy run."""
     if result.status == "canceled":
         return EXIT_INTERRUPTED, "interrupted"
+    if refused_by_preflight(log):
+        return EXIT_INFEASIBLE, "refused"
     if not result.ok or log.failed_hosts() or log.unreachable_hosts():
         return EXIT_FAILED, "failed"
     if check and log.changes:
@@ -421,6 +438,8 @@ def render_deploy(result: RunResult, log: RunLog, check: bool) -> str:
     elif code == EXIT_DRIFT:
         summary = (f"{name}: drift on {len(drift)} of {hosts} host(s) "
                    f"({sum(len(c) for c in drift.values())} task(s) would change), {duration(result.duration)}.")
+    elif code == EXIT_INFEASIBLE:
+        summary = f"{name}: refused by preflight after {duration(result.duration)}; no host changed (the fix is above)."
     elif code == EXIT_INTERRUPTED:
         summary = f"{name}: interrupted after {duration(result.duration)}; hosts may be half-way through a stage."
     else:
@@ -545,6 +564,8 @@ def run_rolling(args: argparse.Namespace, stdout: TextIO | None = None, stderr: 
     summary = summarize(log, args.action)
     if result.status == "canceled":
         code, word = EXIT_INTERRUPTED, "interrupted"
+    elif refused_by_preflight(log):
+        code, word = EXIT_INFEASIBLE, "refused"
     elif result.ok and not summary.failed:
         code, word = EXIT_OK, "done"
     else:

@@ -242,3 +242,26 @@ def test_a_serial_play_is_one_stage_across_its_batches():
     stages = [line.split(" · ")[0] for line in out.getvalue().splitlines() if line.startswith("deploy: stage")]
     assert stages == [f"deploy: stage 1/{TOTAL} engines", f"deploy: stage 2/{TOTAL} engines",
                       f"deploy: stage 2/{TOTAL} engines", f"deploy: stage 3/{TOTAL} edge"]
+
+
+def test_a_run_refused_by_preflight_exits_2_and_says_no_host_changed(monkeypatch):
+    s = Stream().play_start(PREFLIGHT).task("Check the plan")
+    s.failed("localhost", "Check the plan",
+             msg="engine_args of llama-8b: --tensor-parallel-size is set by the plan; remove it from engine_args")
+    s.stats(localhost={"ok": 2, "failures": 1})
+    code, out, _ = run(["deploy", "-i", "inv"], FakeRun(s.events, status="failed", rc=2), monkeypatch)
+    assert code == cli.EXIT_INFEASIBLE
+    assert "remove it from engine_args" in out
+    assert "deploy: refused by preflight after" in out and "no host changed" in out
+    payload = json.loads(run(["deploy", "-i", "inv", "--json"], FakeRun(s.events, "failed", 2), monkeypatch)[1])
+    assert payload["result"] == "refused" and payload["exit_status"] == 2
+
+
+def test_a_failure_after_preflight_or_an_unreachable_host_in_it_is_still_exit_4(monkeypatch):
+    s = Stream().play_start(PREFLIGHT).task("Read the GPUs of each node")
+    s.unreachable("gpu2", "Read the GPUs of each node", "Failed to connect to the host via ssh")
+    s.stats(gpu2={"dark": 1})
+    assert run(["deploy", "-i", "inv"], FakeRun(s.events, status="failed", rc=4), monkeypatch)[0] == cli.EXIT_FAILED
+    s = converged()
+    s.play_start(ENGINES).failed("gpu1", "Run the engine container of each replica", msg="boom")
+    assert run(["deploy", "-i", "inv"], FakeRun(s.events, status="failed", rc=2), monkeypatch)[0] == cli.EXIT_FAILED

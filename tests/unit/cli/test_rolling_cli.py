@@ -180,3 +180,12 @@ def test_recorded_lab_upgrade_to_an_image_that_never_answers_health(monkeypatch)
     assert payload["roll"]["planned"] == ["llama-3-1-8b-0", "llama-3-1-8b-1"]
     assert payload["roll"]["untouched"] == ["llama-3-1-8b-1"]
     assert payload["hosts"]["gpu1"]["failed"] == 1 and payload["hosts"]["gpu1"]["rescued"] == 1
+
+
+def test_a_roll_refused_by_preflight_exits_2(monkeypatch):
+    s = Stream().play_start("Preflight | plan the fleet from GPU facts")
+    s.failed("localhost", "Check the plan", msg="the plan is infeasible: llama-70b needs 4 GPUs per node")
+    s.stats(localhost={"ok": 1, "failures": 1})
+    code, out, _, _ = run(["rolling-restart", "-i", "inv"], s.events, monkeypatch, status="failed", rc=2)
+    assert code == cli.EXIT_INFEASIBLE
+    assert "llama-70b needs 4 GPUs per node" in out
