@@ -21,6 +21,7 @@ from . import __version__
 from ._core._planner import Plan, PlanError
 from .events import RunLog, StageMap
 from .inventory import FactCache, InventoryError, default_fact_cache, read_fact_cache, read_inventory
+from .inventory import fleet as fleet_of
 from .inventory import plan as plan_inventory_hosts
 from .progress import Progress, duration
 from .runner import DEFAULT_KEEP, RunnerError, RunResult, artifacts_root, find_project_dir, run_playbook
@@ -153,6 +154,7 @@ def run_plan(args: argparse.Namespace, stdout: TextIO | None = None, stderr: Tex
             gathered, cache_notes = read_fact_cache(cache, inventory.hosts)
             notes.extend(cache_notes)
         result, from_facts = plan_inventory_hosts(inventory, args.objective, gathered)
+        model = fleet_of(inventory, result)  # also checks what preflight checks next: addresses, ports, edge settings
     except InventoryError as exc:
         print(f"aphrodite-deploy plan: {exc}", file=err)
         return EXIT_ERROR
@@ -162,7 +164,7 @@ def run_plan(args: argparse.Namespace, stdout: TextIO | None = None, stderr: Tex
     for note in notes + result.notes:
         print(f"warning: {note}", file=err)
     if args.json:
-        json.dump(result.to_dict(), out, indent=2)
+        json.dump(dict(result.to_dict(), fleet=model), out, indent=2)
         out.write("\n")
     else:
         out.write(render_table(result, inventory.path, from_facts))

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 from ._core._plan_hosts import ORIGIN, plan_from_hostvars
 from ._core._plan_input import DEFAULT_HOSTS_GROUP, plan_inventory
+from ._core._fleet_model import FleetModelError, from_hostvars
 from ._core._planner import Plan
 
 
@@ -231,6 +232,20 @@ def plan(inventory: Inventory, objective: str | None = None, gathered: Mapping[s
     except AnsibleError as exc:
         raise InventoryError(f"a variable the planner reads cannot be templated: {_ansible_message(exc)}") from None
     return result
+
+
+def fleet(inventory: Inventory, planned: Plan) -> dict[str, Any]:
+    """The fleet model of ``planned`` on the inventory: what ``hostvars['localhost'].aphrodite_fleet``
+    holds in a run (playbooks/fleet_model.yml calls the same function).  Raises InventoryError
+    when the inventory's addresses, ports or edge settings are invalid."""
+    from ansible.errors import AnsibleError
+
+    try:
+        return from_hostvars(planned.to_dict(), inventory.hostvars, inventory.groups)
+    except FleetModelError as exc:
+        raise InventoryError(f"the fleet model: {exc}") from None
+    except AnsibleError as exc:
+        raise InventoryError(f"a variable the fleet model reads cannot be templated: {_ansible_message(exc)}") from None
 
 
 # Model configurations live in the inventory directory (``models/<name>/config.json``);

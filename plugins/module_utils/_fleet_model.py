@@ -308,3 +308,51 @@ def fleet_model(plan: Optional[Mapping[str, Any]], hostvars: Mapping[str, Mappin
         "monitoring": {"targets": monitoring_targets(hosts, members, replicas, dcgm_hosts)},
         "plan": dict(plan),
     }
+
+
+# Settings of the load balancers' group that the model reads from its first host, and the
+# variables that carry them (the virtual IP: the first that is set).
+LB_SETTINGS = {"server_maxconn": ("haproxy_server_maxconn",), "model_endpoints": ("haproxy_model_endpoints",),
+               "vip": ("aphrodite_vip", "haproxy_virtual_ipaddress")}
+
+
+def _lookup(variables: Any, key: str) -> Any:
+    try:
+        return variables[key]
+    except (KeyError, TypeError):
+        return None
+
+
+def from_hostvars(plan: Optional[Mapping[str, Any]], hostvars: Any, groups: Mapping[str, Any],
+                  settings: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """:func:`fleet_model` on an inventory's hostvars (Ansible's, or any mapping of host -> variables).
+
+    Reads only :data:`HOST_VARIABLES` of each host and :data:`LB_SETTINGS` of the first load
+    balancer, so unrelated variables (secrets, facts) are never templated.  The fleet_model
+    filter and ``aphrodite-deploy plan`` both call this.
+    """
+    hosts = sorted({str(h) for members in groups.values() for h in (members or [])})
+    variables: Dict[str, Dict[str, Any]] = {}
+    for host in hosts:
+        try:
+            host_vars = hostvars[host]
+        except KeyError:
+            host_vars = {}
+        variables[host] = {k: v for k in HOST_VARIABLES if (v := _lookup(host_vars, k)) is not None}
+    chosen: Dict[str, Any] = {}
+    first_lb = next(iter(groups.get(LB_GROUP) or []), None)
+    if first_lb is not None:
+        lb_vars = hostvars[first_lb]
+        for name, keys in LB_SETTINGS.items():
+            for key in keys:
+                value = _lookup(lb_vars, key)
+                if value not in (None, ""):
+                    chosen[name] = value
+                    break
+    chosen.update(dict(settings or {}))
+    if "server_maxconn" in chosen:
+        try:
+            chosen["server_maxconn"] = int(chosen["server_maxconn"])
+        except (TypeError, ValueError):
+            raise FleetModelError(f"haproxy_server_maxconn must be a positive integer, got {chosen['server_maxconn']!r}") from None
+    return fleet_model(plan or None, variables, dict(groups), chosen)

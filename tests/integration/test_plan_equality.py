@@ -1,4 +1,4 @@
-"""`aphrodite-deploy plan --json` is the plan the preflight of site.yml publishes, on the same inventory.
+"""`aphrodite-deploy plan --json` is the plan and the fleet model the preflight of site.yml publishes, on the same inventory.
 
 The playbook side is the real playbooks/preflight.yml, run on this machine through
 ``ansible_connection: local`` under each inventory's host names, followed by a play that
@@ -37,9 +37,9 @@ DUMP = """\
   hosts: localhost
   gather_facts: false
   tasks:
-    - name: Write hostvars['localhost'].aphrodite_plan
+    - name: Write hostvars['localhost'].aphrodite_plan, with the fleet model beside it as `plan --json` prints it
       ansible.builtin.copy:
-        content: "{{{{ hostvars['localhost'].aphrodite_plan | to_json }}}}"
+        content: "{{{{ hostvars['localhost'].aphrodite_plan | combine({{'fleet': hostvars['localhost'].aphrodite_fleet}}) | to_json }}}}"
         dest: "{{{{ aphrodite_test_plan_file }}}}"
         mode: "0644"
 """
@@ -110,6 +110,7 @@ def preflight(inventory: Path, work: Path, password_file: Path | None, *extra: s
     playbook = work / "dump.yml"
     playbook.write_text(DUMP.format(preflight=ROOT / "playbooks" / "preflight.yml"))
     plan_file = work / "plan.json"
+    plan_file.unlink(missing_ok=True)  # a run whose dump play did not run must not pass with an older plan
     env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_CACHE_PLUGIN": "jsonfile",
            "ANSIBLE_CACHE_PLUGIN_CONNECTION": str(work / "facts"), "PATH": f"{BIN}:{os.environ['PATH']}"}
     env.pop("ANSIBLE_CONFIG", None)
@@ -213,7 +214,8 @@ def test_facts_cached_for_another_inventory_are_not_used_by_either_side(tmp_path
     lab, site = two_sites(tmp_path)
     preflight(lab, tmp_path, None)  # caches gpu1 and gpu2 of the lab
     # The site's preflight limited to gpu2: gpu1's facts come from the cache, and are the lab's.
-    plan, output = preflight(site, tmp_path, None, "--limit", "gpu2")
+    # (localhost named too: the play that writes the plan runs there.)
+    plan, output = preflight(site, tmp_path, None, "--limit", "gpu2,localhost")
     ignored = (f"gpu1: its gathered GPU facts are not used: they were gathered for gpu1 of inventory "
                f"{lab / 'hosts.yml'}, not of this inventory ({site / 'hosts.yml'})")
     assert ignored in " ".join(output.split()), output

@@ -108,7 +108,13 @@ def test_json_is_exactly_the_contract(fleet):
     result = run_cli(fleet, "plan", "-i", "inventory", "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert sorted(plan) == ["deployments", "idle_gpus"]
+    assert sorted(plan) == ["deployments", "fleet", "idle_gpus"]
+    fleet_model = plan.pop("fleet")
+    assert fleet_model["plan"] == plan  # the model of this very plan, as preflight publishes it
+    assert {h: v["address"] for h, v in fleet_model["hosts"].items()} == {"gpu1": "10.0.0.1", "gpu2": "10.0.0.2",
+                                                                           "lb1": "10.0.0.9"}
+    assert fleet_model["loadbalancers"]["members"] == [{"host": "lb1", "address": "10.0.0.9"}]
+    assert [r["name"] for r in fleet_model["replicas"]] == [r["name"] for d in plan["deployments"] for r in d["replicas"]]
     assert [sorted(d) for d in plan["deployments"]] == [["layouts", "model", "objective", "replicas"]] * 2
     assert [d["objective"] for d in plan["deployments"]] == ["throughput"] * 2
     layouts = plan["deployments"][0]["layouts"]
