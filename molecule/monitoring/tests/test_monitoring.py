@@ -3,6 +3,7 @@ sockets, Docker on the GPU node, promtool on the monitoring host and the edge it
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -293,8 +294,10 @@ def _received(lb) -> list:
     return _get(f"http://{_address(lb)}:{port}/received")
 
 
-def _notified(lb, since: float, status: str) -> dict:
-    """(alertname, key label) -> first arrival time of a notification with that status."""
+def _notified(lb, since: float, status: str, fired: dict | None = None) -> dict:
+    """(alertname, key label) -> first arrival time of a notification with that status.
+    ``fired``, when given, gets the same keys -> when Prometheus says the alert fired
+    (``startsAt``: its ``for`` held) or resolved (``endsAt``)."""
     seen: dict = {}
     for record in _received(lb):
         if record["received_at"] < since:
@@ -305,17 +308,31 @@ def _notified(lb, since: float, status: str) -> dict:
             labels = alert["labels"]
             key = (labels["alertname"],
                    labels.get("replica") or labels.get("server") or labels.get("mountpoint") or labels.get("instance"))
+            if key not in seen and fired is not None:
+                fired[key] = _epoch(alert["startsAt" if status == "firing" else "endsAt"])
             seen.setdefault(key, record["received_at"])
     return seen
 
 
+def _epoch(stamp: str) -> float:
+    """Alertmanager's RFC 3339 time (nanoseconds, Z or an offset) in seconds since the epoch."""
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", stamp)
+    assert match, stamp
+    zone = "+00:00" if match.group(3) == "Z" else match.group(3)
+    whole = datetime.datetime.fromisoformat(match.group(1) + zone).timestamp()
+    return whole + float(match.group(2) or 0)
+
+
+# Measured delays go to tests/output/molecule/ (Molecule prunes its own state directory
+# after the run), or to the file APHRODITE_TEST_TIMINGS names.
+TIMINGS = Path(os.environ.get("APHRODITE_TEST_TIMINGS")
+               or Path(__file__).resolve().parents[3] / "tests" / "output" / "molecule" / "monitoring-alerts.txt")
+
+
 def _record(what: str, seconds: float) -> None:
-    """Measured delays, appended to the file APHRODITE_TEST_TIMINGS names, when it does
-    (Molecule prunes its own state directory after the run)."""
-    path = os.environ.get("APHRODITE_TEST_TIMINGS")
-    if path:
-        with open(path, "a", encoding="utf-8") as out:
-            out.write(f"{what}: {seconds:.1f} s\n")
+    TIMINGS.parent.mkdir(parents=True, exist_ok=True)
+    with open(TIMINGS, "a", encoding="utf-8") as out:
+        out.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {what}: {seconds:.1f} s\n")
 
 
 def _certificate(lb, days: int) -> None:
@@ -368,13 +385,18 @@ def test_a_fault_is_delivered_to_the_receiver_within_3_minutes(outage, alert):
     _, _, lb = outage["hosts"]
     (key,) = [k for k in outage["expected"] if k[0] == alert]
 
+    fired: dict = {}
+
     def delivered():
-        firing = _notified(lb, outage["started"], "firing")
+        firing = _notified(lb, outage["started"], "firing", fired)
         assert key in firing, f"{key} not delivered yet; delivered: {sorted(firing)}"
         return firing[key]
 
     arrived = _wait(delivered, timeout=DELIVERY_LIMIT + 10, delay=3)
+    # Where the time went: the fault until Prometheus fired (scrape, evaluation, `for`),
+    # then until the receiver had it (Alertmanager's group_wait and the webhook).
     _record(f"{alert} delivered", arrived - outage["started"])
+    _record(f"{alert} fired by Prometheus", fired[key] - outage["started"])
     assert arrived - outage["started"] <= DELIVERY_LIMIT
 
 
@@ -394,8 +416,10 @@ def test_the_alerts_resolve_once_repaired(outage):
     repaired = time.time()
     _repair(mon, gpu, lb, outage["replica"])
 
+    ended: dict = {}
+
     def resolved():
-        done = _notified(lb, repaired, "resolved")
+        done = _notified(lb, repaired, "resolved", ended)
         missing = outage["expected"] - set(done)
         assert not missing, f"not resolved yet: {sorted(missing)}"
         return done
@@ -403,4 +427,5 @@ def test_the_alerts_resolve_once_repaired(outage):
     done = _wait(resolved, timeout=DELIVERY_LIMIT, delay=3)
     for key in outage["expected"]:
         _record(f"{key[0]} resolved", done[key] - repaired)
+        _record(f"{key[0]} resolved by Prometheus", ended[key] - repaired)
     assert max(done[k] for k in outage["expected"]) - repaired <= DELIVERY_LIMIT
