@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 from collections.abc import Mapping
 from typing import Any
@@ -117,6 +118,50 @@ def engine_files_digest(replica: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def engine_stale_files(found: Any, staged: Any, files_dir: str) -> list:
+    """What of ``found`` (paths under ``files_dir`` on a node) no staged entry accounts for.
+
+    ``staged`` is the list of aphrodite.baremetal.engine_staged_files.  A staged file keeps
+    its path and its parent directories; a staged directory keeps every file and directory
+    of its source on the controller (walked here: copying a directory adds and updates but
+    never removes).  Returns only the topmost stale paths (removing a directory removes what
+    is inside), sorted: a model no longer run, an adapter dropped from lora-modules, a file
+    deleted from a staged directory.
+    """
+    if not files_dir or not str(files_dir).startswith("/"):
+        raise AnsibleFilterError(f"engine_stale_files needs engine_files_dir as an absolute path, got {files_dir!r}")
+    if not isinstance(found, (list, tuple)) or not isinstance(staged, (list, tuple)):
+        raise AnsibleFilterError("engine_stale_files expects the found paths and the list of engine_staged_files")
+    root = posixpath.normpath(str(files_dir))
+    keep = {root}
+
+    def keep_with_parents(path: str) -> None:
+        while path not in keep and path.startswith(root + "/"):
+            keep.add(path)
+            path = posixpath.dirname(path)
+
+    for entry in staged:
+        if not isinstance(entry, Mapping) or any(not entry.get(k) for k in _FILE_KEYS):
+            raise AnsibleFilterError(f"engine_stale_files: {entry!r} is not an entry of engine_staged_files")
+        target = posixpath.normpath(f"{root}/{entry['path']}")
+        keep_with_parents(target)
+        if entry["kind"] == "dir":
+            source = str(entry["source"]).rstrip("/")
+            for current, dirs, names in os.walk(source):
+                relative = os.path.relpath(current, source)
+                base = target if relative == "." else posixpath.join(target, relative.replace(os.sep, "/"))
+                for name in dirs + names:
+                    keep_with_parents(posixpath.join(base, name))
+    stale: list = []
+    for path in sorted(posixpath.normpath(str(p)) for p in found):
+        if path in keep or not path.startswith(root + "/"):
+            continue
+        if stale and path.startswith(stale[-1] + "/"):
+            continue  # inside a directory that goes as a whole
+        stale.append(path)
+    return stale
+
+
 class FilterModule:
     """aphrodite.baremetal engine filters."""
 
@@ -126,4 +171,5 @@ class FilterModule:
             "engine_staged_files": engine_staged_files,
             "engine_file_mounts": engine_file_mounts,
             "engine_files_digest": engine_files_digest,
+            "engine_stale_files": engine_stale_files,
         }

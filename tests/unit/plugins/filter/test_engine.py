@@ -102,3 +102,33 @@ def test_one_path_with_two_contents_is_refused() -> None:
 def test_a_mount_needs_an_absolute_directory() -> None:
     with pytest.raises(AnsibleFilterError, match="absolute path"):
         engine_file_mounts({"name": "r", "files": FILES}, "engine-files")
+
+
+def test_stale_staged_files_are_what_no_entry_accounts_for(tmp_path) -> None:
+    from ansible_collections.aphrodite.baremetal.plugins.filter.engine import engine_stale_files
+
+    adapter = tmp_path / "controller" / "sql-lora"
+    (adapter / "nested").mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "nested" / "weights.safetensors").write_text("w")
+    template = tmp_path / "controller" / "chat.jinja"
+    template.write_text("{{ messages }}")
+    root = "/var/lib/aphrodite/engine-files"
+    staged = [{"source": str(template), "path": "llama/chat-template/chat.jinja", "kind": "file", "sha256": "a"},
+              {"source": str(adapter), "path": "llama/lora/sql", "kind": "dir", "sha256": "b"}]
+    kept = [f"{root}/llama", f"{root}/llama/chat-template", f"{root}/llama/chat-template/chat.jinja",
+            f"{root}/llama/lora", f"{root}/llama/lora/sql", f"{root}/llama/lora/sql/adapter_config.json",
+            f"{root}/llama/lora/sql/nested", f"{root}/llama/lora/sql/nested/weights.safetensors"]
+    gone = [f"{root}/llama/lora/old",  # an adapter dropped from lora-modules
+            f"{root}/llama/lora/old/adapter_config.json",
+            f"{root}/llama/lora/sql/removed.bin",  # deleted from the staged directory on the controller
+            f"{root}/llama/chat-template/old.jinja",
+            f"{root}/qwen", f"{root}/qwen/lora", f"{root}/qwen/lora/x"]  # a model no longer run here
+    found = sorted(kept + gone, reverse=True)
+    assert engine_stale_files(found, staged, root + "/") == [
+        f"{root}/llama/chat-template/old.jinja", f"{root}/llama/lora/old", f"{root}/llama/lora/sql/removed.bin",
+        f"{root}/qwen"]
+    assert engine_stale_files(kept, staged, root) == []
+    assert engine_stale_files(found, [], root) == [f"{root}/llama", f"{root}/qwen"]
+    with pytest.raises(AnsibleFilterError, match="absolute path"):
+        engine_stale_files(found, staged, "engine-files")
