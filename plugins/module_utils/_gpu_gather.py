@@ -10,7 +10,6 @@ _gpu_parse.  The options it reads (``nvidia_smi_path``, ``lspci_path``, ``sysfs_
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._gpu_parse import (
     QUERY_GPU_ARGS,
@@ -88,30 +87,27 @@ def gather(module, params: dict | None = None) -> dict:
     topology = None
     topology_problem = None
 
+    nvidia_smi, smi_problem = _locate(module, params, "nvidia_smi_path", "nvidia-smi")
+    if nvidia_smi is not None:
+        out, smi_problem = _run(module, nvidia_smi, QUERY_GPU_ARGS, "nvidia-smi --query-gpu")
+        if out is not None:
+            try:
+                smi_gpus = parse_query_gpu(out)
+            except NvidiaSmiUnavailable as exc:
+                smi_problem = str(exc)
+    if smi_gpus is not None:
+        out, topology_problem = _run(module, nvidia_smi, ("topo", "-m"), "nvidia-smi topo -m")
+        if out is not None:
+            topology = parse_topology(out)
+
     lspci_text = None
     lspci, lspci_problem = _locate(module, params, "lspci_path", "lspci")
     if lspci_problem == "lspci not found":
         lspci_problem = "lspci not found (install pciutils)"
-    # lspci does not depend on nvidia-smi: it runs while nvidia-smi (often the slowest
-    # call of a probe, a second or more without persistence mode) answers.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending_lspci = pool.submit(_run, module, lspci, LSPCI_ARGS, "lspci -nn -d 10de:") if lspci is not None else None
-        nvidia_smi, smi_problem = _locate(module, params, "nvidia_smi_path", "nvidia-smi")
-        if nvidia_smi is not None:
-            out, smi_problem = _run(module, nvidia_smi, QUERY_GPU_ARGS, "nvidia-smi --query-gpu")
-            if out is not None:
-                try:
-                    smi_gpus = parse_query_gpu(out)
-                except NvidiaSmiUnavailable as exc:
-                    smi_problem = str(exc)
-        if smi_gpus is not None:
-            out, topology_problem = _run(module, nvidia_smi, ("topo", "-m"), "nvidia-smi topo -m")
-            if out is not None:
-                topology = parse_topology(out)
-        if pending_lspci is not None:
-            lspci_text, lspci_problem = pending_lspci.result()
-    if lspci_problem is not None and lspci is not None and smi_gpus is not None:
-        notes.append("{0}; NVSwitches were looked for in procfs only".format(lspci_problem))
+    if lspci is not None:
+        lspci_text, lspci_problem = _run(module, lspci, LSPCI_ARGS, "lspci -nn -d 10de:")
+        if lspci_problem is not None and smi_gpus is not None:
+            notes.append("{0}; NVSwitches were looked for in procfs only".format(lspci_problem))
 
     if smi_gpus is not None:
         bus_ids = [gpu["pci_bus_id"] for gpu in smi_gpus]

@@ -209,7 +209,6 @@ import json
 import os
 import re
 import stat
-from concurrent.futures import ThreadPoolExecutor
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.facts import ansible_collector, default_collectors
@@ -222,8 +221,6 @@ FORMAT = 1
 MAX_REASONS = 20
 # What the probe returns of each recorded input digest: enough to name what changed.
 SHORT_DIGEST = 16
-# Processes the probe waits on at once (the watched commands, systemctl, dpkg-query).
-PROBE_THREADS = 8
 # As ansible.builtin.setup: these subsets are always gathered.
 MINIMAL_GATHER_SUBSET = frozenset(["apparmor", "caps", "cmdline", "date_time", "distribution", "dns", "env", "fips",
                                    "local", "lsb", "pkg_mgr", "platform", "python", "selinux", "service_mgr",
@@ -328,47 +325,46 @@ def snapshot_packages(module, packages):
     return dict((name, "no package manager") for name in names)
 
 
-def _run_watched(module, argv):
-    """'rc=N sha256=...' of a watched command's output; a tool that is not installed is a
-    state too (and must not fail the probe)."""
-    exe = argv[0] if os.path.isabs(argv[0]) else module.get_bin_path(argv[0])
-    if exe is None or not os.access(exe, os.X_OK):
-        return "not installed"
-    rc, out, err = module.run_command([exe] + list(argv[1:]), environ_update={"LC_ALL": "C"})
-    return "rc=%d sha256=%s" % (rc, hashlib.sha256((out + "\0" + err).encode("utf-8", "replace")).hexdigest())
+def snapshot_commands(module, commands, cache=None):
+    """' '.join(argv) -> 'rc=N sha256=...' of each command's output.
+
+    ``cache`` (argv key -> result) lets a command that several roles watch run once."""
+    result = {}
+    cache = {} if cache is None else cache
+    for argv in commands:
+        key = " ".join(argv)
+        if not argv:
+            continue
+        if key in cache:
+            result[key] = cache[key]
+            continue
+        # A tool that is not installed is a state too (and must not fail the probe).
+        exe = argv[0] if os.path.isabs(argv[0]) else module.get_bin_path(argv[0])
+        if exe is None or not os.access(exe, os.X_OK):
+            result[key] = "not installed"
+            continue
+        rc, out, err = module.run_command([exe] + list(argv[1:]), environ_update={"LC_ALL": "C"})
+        result[key] = "rc=%d sha256=%s" % (rc, hashlib.sha256((out + "\0" + err).encode("utf-8", "replace")).hexdigest())
+        cache[key] = result[key]
+    return result
 
 
 def snapshot(module, watch, max_hash_bytes, skip=()):
     """Role -> what it manages, as found now.  The units of all roles are read in one
     systemctl call and the packages in one dpkg-query call; a command that several roles
-    watch runs once.  These calls (and the watched commands: docker inspect, nft, ...) run
-    side by side, each waiting on its own process; the files are hashed meanwhile."""
+    watch runs once."""
     specs = dict((role, watch[role] or {}) for role in sorted(watch))
-    units = list(dict.fromkeys(str(u) for spec in specs.values() for u in spec.get("units") or []))
-    packages = [p for spec in specs.values() for p in spec.get("packages") or []]
+    units = [str(u) for spec in specs.values() for u in spec.get("units") or []]
+    all_units = snapshot_units(module, list(dict.fromkeys(units)))
+    all_packages = snapshot_packages(module, [p for spec in specs.values() for p in spec.get("packages") or []])
     commands = {}
-    for spec in specs.values():
-        for argv in spec.get("commands") or []:
-            argv = [str(a) for a in argv]
-            if argv:
-                commands.setdefault(" ".join(argv), argv)
-    with ThreadPoolExecutor(max_workers=PROBE_THREADS) as pool:
-        pending_units = pool.submit(snapshot_units, module, units)
-        pending_packages = pool.submit(snapshot_packages, module, packages)
-        pending = dict((key, pool.submit(_run_watched, module, argv)) for key, argv in commands.items())
-        files = dict((role, snapshot_files([str(p) for p in spec.get("files") or []], max_hash_bytes, skip))
-                     for role, spec in specs.items())
-        all_units = pending_units.result()
-        all_packages = pending_packages.result()
-        outputs = dict((key, future.result()) for key, future in pending.items())
     taken = {}
     for role, spec in specs.items():
         names = sorted(set(_package_name(str(p)) for p in spec.get("packages") or [] if str(p).strip()))
-        keys = [" ".join(str(a) for a in argv) for argv in spec.get("commands") or [] if argv]
         taken[role] = {
-            "files": files[role],
+            "files": snapshot_files([str(p) for p in spec.get("files") or []], max_hash_bytes, skip),
             "units": dict((str(u), all_units[str(u)]) for u in spec.get("units") or []),
-            "commands": dict((key, outputs[key]) for key in keys),
+            "commands": snapshot_commands(module, [[str(a) for a in argv] for argv in spec.get("commands") or []], commands),
             "packages": dict((name, all_packages[name]) for name in names),
         }
     return taken
@@ -387,36 +383,26 @@ def gather_facts(module, subset):
 
 
 def probe(module, record, problem, result):
-    """state=probe: facts, GPU facts, the drift since the record and what the record holds.
-
-    The three parts wait on different processes (the fact collectors' ip and friends,
-    nvidia-smi, systemctl/dpkg-query/docker), so they run side by side: the probe costs
-    about its slowest part, not their sum."""
+    """state=probe: facts, GPU facts, the drift since the record and what the record holds."""
     p = module.params
+    facts = gather_facts(module, p["gather_subset"])
     result["gpu_problem"] = None
+    if p["gpus"]:
+        try:
+            facts["aphrodite_gpus"] = gather_gpus(module, {})
+        except GpuParseError as exc:
+            result["gpu_problem"] = str(exc)
+    result["ansible_facts"] = facts
     result["drift"] = None
     result["recorded_fingerprint"] = None
     result["recorded_inputs"] = {}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        gpus = pool.submit(gather_gpus, module, {}) if p["gpus"] else None
-        current = None
-        if record is not None and p["compare"]:
-            current = pool.submit(snapshot, module, record.get("watch") or {},
-                                  record.get("max_hash_bytes", p["max_hash_bytes"]), (p["path"],))
-        facts = gather_facts(module, p["gather_subset"])
-        if gpus is not None:
-            try:
-                facts["aphrodite_gpus"] = gpus.result()
-            except GpuParseError as exc:
-                result["gpu_problem"] = str(exc)
-        current = current.result() if current is not None else None
-    result["ansible_facts"] = facts
     if record is None:
         result["reasons"] = [problem]
         return
     result["recorded_fingerprint"] = record.get("fingerprint")
     result["recorded_inputs"] = dict((str(k), str(v)[:SHORT_DIGEST]) for k, v in (record.get("inputs") or {}).items())
-    if current is not None:
+    if p["compare"]:
+        current = snapshot(module, record.get("watch") or {}, record.get("max_hash_bytes", p["max_hash_bytes"]), (p["path"],))
         found = differences(record.get("snapshot") or {}, current)
         result["drift"] = found[:MAX_REASONS] + (
             ["and %d more" % (len(found) - MAX_REASONS)] if len(found) > MAX_REASONS else [])

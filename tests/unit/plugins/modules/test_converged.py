@@ -276,22 +276,3 @@ def test_one_systemctl_and_one_package_query_for_every_role(monkeypatch: pytest.
     assert taken["haproxy"]["packages"] == {"curl": "1.0", "haproxy": "1.0"}
     assert taken["common"]["packages"] == {"curl": "1.0"}
 
-
-def test_the_watched_commands_run_side_by_side(host: dict, tmp_path: Path) -> None:
-    """Two commands that each wait (up to 20 s) for the other to have started: run one after
-    the other, the first would give up and its output (so the snapshot) would say so."""
-    script = ("import pathlib, sys, time\n"
-              "me, other = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])\n"
-              "me.touch()\n"
-              "deadline = time.monotonic() + 20\n"
-              "while not other.exists() and time.monotonic() < deadline:\n"
-              "    time.sleep(0.05)\n"
-              "print('met' if other.exists() else 'alone')\n")
-    a, b = tmp_path / "a", tmp_path / "b"
-    host["watch"]["haproxy"]["commands"] = [[sys.executable, "-c", script, str(a), str(b)]]
-    host["watch"]["model_store"]["commands"] = [[sys.executable, "-c", script, str(b), str(a)]]
-    record(host)
-    met = converged.hashlib.sha256(b"met\n\0").hexdigest()
-    snapshot = json.loads(host["record"].read_text())["snapshot"]
-    outputs = [v for role in ("haproxy", "model_store") for v in snapshot[role]["commands"].values()]
-    assert outputs == [f"rc=0 sha256={met}"] * 2

@@ -155,10 +155,11 @@ def test_h100x8_with_driver(host: Host, query: str, check_mode: bool) -> None:
         "links": {str(gpu): {str(peer): "NV18" for peer in range(8) if peer != gpu} for gpu in range(8)},
         "notes": [],
     }
-    # lspci runs beside nvidia-smi (any order between them); topo only after the query.
-    called = host.called()
-    assert sorted(called) == sorted(["nvidia-smi " + " ".join(QUERY_GPU_ARGS), "nvidia-smi topo -m", "lspci -nn -d 10de:"])
-    assert called.index("nvidia-smi " + " ".join(QUERY_GPU_ARGS)) < called.index("nvidia-smi topo -m")
+    assert host.called() == [
+        "nvidia-smi " + " ".join(QUERY_GPU_ARGS),
+        "nvidia-smi topo -m",
+        "lspci -nn -d 10de:",
+    ]
 
 
 def test_numa_from_topology_without_sysfs_and_no_lspci(host: Host) -> None:
