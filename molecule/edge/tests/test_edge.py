@@ -729,6 +729,124 @@ def test_vip_moves_when_the_holder_loses_its_service(tls, lab, service):
     assert _serves_through_vip(tls)
 
 
+# --------------------------------------------------------------------------- recovery
+PROJECT = SCENARIO.parents[1]
+LAB_NAME = "molecule-edge"
+
+
+def _record(what: str, seconds: float) -> None:
+    """Measured times, appended to the file APHRODITE_TEST_TIMINGS names, when it does."""
+    path = os.environ.get("APHRODITE_TEST_TIMINGS")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(f"{what}: {seconds:.1f} s\n")
+    print(f"{what}: {seconds:.1f} s")
+
+
+def _remove_host(name: str, address: str) -> None:
+    """What losing a machine leaves: no container, no volume, no open SSH connection."""
+    subprocess.run(["docker", "rm", "-f", "-v", name], check=True, capture_output=True)
+    volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"name=aphrodite-{LAB_NAME}-{name}-"],
+                             check=True, capture_output=True, text=True).stdout.split()
+    if volumes:
+        subprocess.run(["docker", "volume", "rm", *volumes], check=True, capture_output=True)
+    sys.path.insert(0, str(PROJECT / "lab"))
+    import labctl  # noqa: PLC0415 - the lab's own helper, only for this drill
+
+    labctl.stop_ssh_masters({address})
+
+
+def _lab_up() -> dict:
+    """labctl up is idempotent: it creates only the hosts that are missing."""
+    hosts = [f"--host={p['name']}:{','.join(p.get('groups', []))}" for p in MOLECULE["platforms"]]
+    result = subprocess.run([sys.executable, str(PROJECT / "lab" / "labctl.py"), "up", "--json", "--lab", LAB_NAME,
+                             "--subnet", MOLECULE["driver"]["lab_subnet"], *hosts],
+                            check=True, capture_output=True, text=True, timeout=300)
+    return json.loads(result.stdout)
+
+
+def _pem(host, path: str) -> str:
+    with host.sudo():
+        return host.file(path).content_string
+
+
+def test_a_rebuilt_ca_host_gets_its_ca_back_while_the_other_serves(tls, lab, addresses):
+    """The drill of README "On call: restore": the first load balancer (the CA host) is lost
+    with its volumes and rebuilt empty; deploy brings back the same CA from the copy on the
+    second, while the second serves every request of a steady client through the VIP."""
+    ca_before = _pem(lab["edge-lb2"], "/etc/haproxy/pki/ca.crt")
+    assert _pem(lab["edge-lb1"], "/etc/haproxy/pki/ca.crt") == ca_before
+    # The drill loses the CA host while it is the backup, as after a planned handover.
+    if vip_holders(lab) == ["edge-lb1"]:
+        with lab["edge-lb1"].sudo():
+            lab["edge-lb1"].check_output("systemctl stop keepalived")
+        assert wait_for(lambda: vip_holders(lab) == ["edge-lb2"], 10, 0.2), vip_holders(lab)
+        assert wait_for(lambda: _serves_through_vip(tls), 5, 0.2)
+    statuses: list[object] = []
+    stop = threading.Event()
+
+    def client():
+        # Bounded: one request every half second, for as long as the rebuild takes (< 300 s).
+        deadline = time.monotonic() + 300
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                statuses.append(chat(tls, key=KEYS["ops"]).status)
+            except OSError as error:
+                statuses.append(repr(error))
+            stop.wait(0.5)
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        started = time.monotonic()
+        _remove_host("edge-lb1", addresses["edge-lb1"])
+        assert _lab_up()["created"] == ["edge-lb1"]
+        deploy = playbook("converge.yml")
+        recovered = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(15)
+    assert deploy.returncode == 0, deploy.stdout[-4000:]
+    _record("edge: CA host lost and rebuilt by deploy", recovered)
+    failed = [s for s in statuses if s != 200]
+    assert len(statuses) > 20 and not failed, (len(statuses), failed[:10])
+    # Same CA on both, and the rebuilt host's new certificate chains to it.
+    lb1 = testinfra.get_host(f"ansible://edge-lb1?ansible_inventory={os.environ['MOLECULE_INVENTORY_FILE']}")
+    assert _pem(lb1, "/etc/haproxy/pki/ca.crt") == ca_before
+    assert _pem(lb1, "/etc/haproxy/pki/ca/ca.crt") == ca_before
+    assert call(tls, "GET", "/v1/models", KEYS["alice"], address=addresses["edge-lb1"]).status == 200
+    # nopreempt kept the VIP on the second; the first takes it when the second steps down.
+    assert vip_holders(lab) == ["edge-lb2"]
+    with lab["edge-lb2"].sudo():
+        lab["edge-lb2"].check_output("systemctl stop keepalived")
+    try:
+        assert wait_for(lambda: vip_holders(lab) == ["edge-lb1"], 10, 0.2), vip_holders(lab)
+        assert wait_for(lambda: _serves_through_vip(tls), 5, 0.2)
+    finally:
+        with lab["edge-lb2"].sudo():
+            lab["edge-lb2"].check_output("systemctl start keepalived")
+
+
+def test_deploy_refuses_a_new_ca_where_the_old_one_is_trusted(lab):
+    """No key on the CA host and no copy anywhere, but load balancers serving the old CA's
+    certificates: deploy stops naming the fix, and changes nothing."""
+    key = "/etc/haproxy/pki/ca/ca.key"
+    for name in LBS:
+        with lab[name].sudo():
+            lab[name].check_output(f"mv {key} {key}.drill")
+    try:
+        run = playbook("converge.yml")
+    finally:
+        for name in LBS:
+            with lab[name].sudo():
+                lab[name].check_output(f"mv {key}.drill {key}")
+    assert run.returncode != 0
+    said = " ".join(run.stdout.split())
+    assert "haproxy_tls_ca_replace=true" in said and "On call: restore" in said, run.stdout[-3000:]
+    recap = run.stdout[run.stdout.rindex("PLAY RECAP"):]
+    assert "changed=0" in recap and not any(f"changed={n}" in recap for n in range(1, 10)), recap
+
+
 # --------------------------------------------------------------------------- secrets
 def test_no_secret_in_process_arguments(lab):
     for name in LBS:

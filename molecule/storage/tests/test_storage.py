@@ -14,10 +14,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import testinfra
+import yaml
 
 SCENARIO = Path(__file__).resolve().parents[1]
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
@@ -250,3 +252,56 @@ def test_a_model_staged_again_with_same_sized_files_is_copied_again(lab, url):
     result = playbook("--limit", "st-gpu2", "--tags", "nfs_client")
     assert result.returncode == 0, result.stdout[-3000:]
     assert sha256s(node, f"{LOCAL_DIR}/{LLAMA}") == sha256s(server, f"{MODELS_DIR}/{LLAMA}")
+
+
+# --------------------------------------------------------------------------- recovery
+LAB_NAME = "molecule-storage"
+PROJECT = SCENARIO.parents[1]
+
+
+def _remove_host(name: str, address: str) -> None:
+    """What losing a machine leaves: no container, no volume (the export's disk), no SSH connection."""
+    subprocess.run(["docker", "rm", "-f", "-v", name], check=True, capture_output=True)
+    volumes = subprocess.run(["docker", "volume", "ls", "-q", "--filter", f"name=aphrodite-{LAB_NAME}-{name}-"],
+                             check=True, capture_output=True, text=True).stdout.split()
+    assert volumes, "the NFS server's export volume should exist before the drill"
+    subprocess.run(["docker", "volume", "rm", *volumes], check=True, capture_output=True)
+    sys.path.insert(0, str(PROJECT / "lab"))
+    import labctl  # noqa: PLC0415 - the lab's own helper, only for this drill
+
+    labctl.stop_ssh_masters({address})
+
+
+def _weights(host, model: str) -> str:
+    """Inode, change time and size of the local weights: a copy made again changes them."""
+    with host.sudo():
+        return host.check_output(f"stat -c '%i %Z %s' '{LOCAL_DIR}/{model}/model.safetensors'")
+
+
+def test_a_lost_nfs_server_is_rebuilt_and_nodes_keep_their_valid_copies(lab, url):
+    """The drill of README "On call: restore": the NFS server is lost with its export's
+    volume; deploy (converge) builds it again and stages the models anew from their
+    source; the GPU nodes read the export again and copy nothing, their copies still valid."""
+    before = {(node, model): _weights(lab[node], model)
+              for node, model in [("st-gpu1", LLAMA), ("st-gpu2", LLAMA), ("st-gpu1", EXTRA)]}
+    molecule = yaml.safe_load((SCENARIO / "molecule.yml").read_text())
+    hosts = [f"--host={p['name']}:{','.join(p.get('groups', []))}" for p in molecule["platforms"]]
+    started = time.monotonic()
+    _remove_host(NFS, lab[NFS].ansible.get_variables()["ansible_host"])
+    up = subprocess.run([sys.executable, str(PROJECT / "lab" / "labctl.py"), "up", "--json", "--lab", LAB_NAME,
+                         "--subnet", molecule["driver"]["lab_subnet"], *hosts],
+                        check=True, capture_output=True, text=True, timeout=300)
+    assert json.loads(up.stdout)["created"] == [NFS]
+    result = playbook()
+    recovered = time.monotonic() - started
+    assert result.returncode == 0, result.stdout[-3000:]
+    print(f"storage: NFS server lost and rebuilt by deploy: {recovered:.1f} s")
+    path = os.environ.get("APHRODITE_TEST_TIMINGS")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            out.write(f"storage: NFS server lost and rebuilt by deploy: {recovered:.1f} s\n")
+    assert changed(result, NFS) > 0
+    for node in GPUS:
+        assert changed(result, node) == 0
+        assert sha256s(lab[node], f"{LOCAL_DIR}/{LLAMA}") == exported_sha256s(lab[node], url, LLAMA)
+    assert {key: _weights(lab[key[0]], key[1]) for key in before} == before
