@@ -138,9 +138,171 @@ local function edge_month_left()
   return (days - today.day) * 86400 + 86400 - into_day
 end
 
+-- Usage per key name and model, for Prometheus (the edge_usage filter counts, the
+-- edge_usage_metrics service prints).  One Lua state serves every thread (lua-load), so
+-- these tables are the process's; they start at zero when HAProxy (re)starts, which
+-- Prometheus counters allow.  Keys never appear here: only their names.
+local usage = { requests = {}, tokens = {}, latency = {} }
+-- Upper bounds of the latency histogram, in seconds: a generation takes from a fraction
+-- of a second to minutes.
+local latency_buckets = { 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300 }
+
+local function add(tbl, labels, amount)
+  tbl[labels] = (tbl[labels] or 0) + amount
+end
+
+local function label_value(text)
+  return (string.gsub(tostring(text), '[\\"\n]', { ['\\'] = '\\\\', ['"'] = '\\"', ['\n'] = '\\n' }))
+end
+
+-- The last "usage" object of a response's tail: the engine's counts come last, after any
+-- generated text (which, being a JSON string, cannot hold an unescaped '"usage":').
+local function edge_usage_tokens(tail)
+  local object
+  for found in string.gmatch(tail, '"usage"%s*:%s*(%b{})') do
+    object = found
+  end
+  if not object then
+    return nil
+  end
+  local prompt = tonumber(string.match(object, '"prompt_tokens"%s*:%s*(%d+)'))
+  local completion = tonumber(string.match(object, '"completion_tokens"%s*:%s*(%d+)'))
+  return prompt or 0, completion or 0
+end
+
+-- Bytes of a response kept to find its usage: the final usage chunk of a stream, or the
+-- end of a JSON answer, is far shorter.
+local tail_bytes = 4096
+
+local function seconds(now)
+  return now.sec + now.usec / 1e6
+end
+
+local Usage = { id = 'edge usage', flags = filter and filter.FLT_CFG_FL_HTX }
+Usage.__index = Usage
+
+function Usage:new()
+  return setmetatable({ tail = '' }, Usage)
+end
+
+function Usage:start_analyze(txn, chn)
+  if not chn:is_resp() then
+    self.started = seconds(core.now())
+  end
+  return filter.CONTINUE
+end
+
+function Usage:http_headers(txn, msg)
+  if msg.channel:is_resp() then
+    local model = txn:get_var('txn.model')
+    if model then
+      filter.register_data_filter(self, msg.channel)
+    end
+  end
+  return filter.CONTINUE
+end
+
+function Usage:http_payload(txn, msg)
+  local data = msg:body(0, msg:input())
+  if data then
+    self.tail = string.sub(self.tail .. data, -tail_bytes)
+  end
+end
+
+function Usage:end_analyze(txn, chn)
+  if not chn:is_resp() or self.counted then
+    return filter.CONTINUE
+  end
+  self.counted = true
+  local key = label_value(txn:get_var('txn.key_name') or '')
+  local model = label_value(txn:get_var('txn.model') or '')
+  local prompt, completion = edge_usage_tokens(self.tail)
+  if prompt then
+    add(usage.tokens, string.format('key="%s",model="%s",kind="prompt"', key, model), prompt)
+    add(usage.tokens, string.format('key="%s",model="%s",kind="completion"', key, model), completion)
+  end
+  if model ~= '' and self.started then
+    local took = seconds(core.now()) - self.started
+    local series = usage.latency[model]
+    if not series then
+      series = { buckets = {}, sum = 0, count = 0 }
+      for index = 1, #latency_buckets do
+        series.buckets[index] = 0
+      end
+      usage.latency[model] = series
+    end
+    for index, bound in ipairs(latency_buckets) do
+      if took <= bound then
+        series.buckets[index] = series.buckets[index] + 1
+      end
+    end
+    series.sum = series.sum + took
+    series.count = series.count + 1
+  end
+  return filter.CONTINUE
+end
+
+-- Every response, the edge's own answers (401, 429...) included, which no filter sees:
+-- counted when its headers leave (http-after-response).
+local function edge_usage_count(txn)
+  local key = label_value(txn:get_var('txn.key_name') or '')
+  local model = label_value(txn:get_var('txn.model') or '')
+  add(usage.requests, string.format('key="%s",model="%s",code="%s"', key, model, txn.sf:status()), 1)
+end
+
+local function sorted_keys(tbl)
+  local keys = {}
+  for name in pairs(tbl) do
+    keys[#keys + 1] = name
+  end
+  table.sort(keys)
+  return keys
+end
+
+-- The Prometheus text format of the tables above.
+local function edge_usage_text()
+  local lines = {
+    '# HELP aphrodite_edge_requests_total Requests answered by this HAProxy process, by API key name, model and status.',
+    '# TYPE aphrodite_edge_requests_total counter',
+  }
+  for _, labels in ipairs(sorted_keys(usage.requests)) do
+    lines[#lines + 1] = string.format('aphrodite_edge_requests_total{%s} %d', labels, usage.requests[labels])
+  end
+  lines[#lines + 1] = '# HELP aphrodite_edge_tokens_total Tokens the engines reported (usage), by API key name, model and kind.'
+  lines[#lines + 1] = '# TYPE aphrodite_edge_tokens_total counter'
+  for _, labels in ipairs(sorted_keys(usage.tokens)) do
+    lines[#lines + 1] = string.format('aphrodite_edge_tokens_total{%s} %d', labels, usage.tokens[labels])
+  end
+  lines[#lines + 1] = '# HELP aphrodite_edge_request_duration_seconds From the request to the last byte of its response, by model.'
+  lines[#lines + 1] = '# TYPE aphrodite_edge_request_duration_seconds histogram'
+  for _, model in ipairs(sorted_keys(usage.latency)) do
+    local series = usage.latency[model]
+    for index, bound in ipairs(latency_buckets) do
+      lines[#lines + 1] = string.format('aphrodite_edge_request_duration_seconds_bucket{model="%s",le="%s"} %d',
+                                        model, tostring(bound), series.buckets[index])
+    end
+    lines[#lines + 1] = string.format('aphrodite_edge_request_duration_seconds_bucket{model="%s",le="+Inf"} %d', model, series.count)
+    lines[#lines + 1] = string.format('aphrodite_edge_request_duration_seconds_sum{model="%s"} %.6f', model, series.sum)
+    lines[#lines + 1] = string.format('aphrodite_edge_request_duration_seconds_count{model="%s"} %d', model, series.count)
+  end
+  return table.concat(lines, '\n') .. '\n'
+end
+
+local function edge_usage_metrics(applet)
+  local text = edge_usage_text()
+  applet:set_status(200)
+  applet:add_header('content-type', 'text/plain; version=0.0.4')
+  applet:add_header('content-length', tostring(#text))
+  applet:start_response()
+  applet:send(text)
+end
+
 if core then
   core.register_converters('edge_model', edge_model)
   core.register_fetches('edge_month_left', edge_month_left)
+  core.register_filter('edge_usage', Usage, function(instance) return instance end)
+  core.register_service('edge_usage_metrics', 'http', edge_usage_metrics)
+  core.register_action('edge_usage_count', { 'http-after-res' }, edge_usage_count)
 end
 
-return edge_model
+return { edge_model = edge_model, edge_usage_tokens = edge_usage_tokens }
