@@ -494,6 +494,34 @@ def test_hourly_and_daily_limits_name_themselves(tls, lab):
     assert abs(int(over.headers["retry-after"]) - (86400 - time.time() % 86400)) <= 2
 
 
+def test_a_token_budget_is_exhausted_by_usage_then_refused(tls, lab):
+    """Checked before a request, charged with its answer's usage at the key's next request."""
+    key, budget = KEYS["tokens"], 10
+    if 3600 - time.time() % 3600 < 30:
+        time.sleep(3600 - time.time() % 3600 + 0.5)
+    hour = f"{_digest(key)}:{int(time.time()) // 3600}"
+    _clear(lab, "st_tokens_hour", hour)
+    # A stream that would not report its tokens is refused for a key with a budget.
+    unasked = call(tls, "POST", "/v1/chat/completions", key, {"model": LLAMA, "messages": [], "stream": True})
+    assert unasked.status == 400 and "include_usage" in unasked.json()["error"]["message"]
+    used = 0
+    for _ in range(5):
+        reply = chat(tls, key=key)
+        if reply.status != 200:
+            break
+        used += reply.json()["usage"]["total_tokens"]
+    assert reply.status == 429 and used >= budget
+    error = reply.json()["error"]
+    assert (error["type"], error["param"]) == ("rate_limit_error", "tokens_per_hour")
+    assert f"may use {budget} tokens per hour and has used {used}" in error["message"]
+    assert abs(int(reply.headers["retry-after"]) - (3600 - time.time() % 3600)) <= 2
+    # Charged on the pair: the other load balancer holds the same count (peers).
+    for name in LBS:
+        assert wait_for(lambda name=name: f"gpc0={used}" in runtime_api(lab[name], f"show table st_tokens_hour key {hour}"), 5)
+    # Another key without a budget is not affected.
+    assert chat(tls).status == 200
+
+
 def _flood(host, address: str, count: int, key: str | None = None) -> dict:
     """``count`` requests from a lab host over one keep-alive connection: status -> how many."""
     script = (

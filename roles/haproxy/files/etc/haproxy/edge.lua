@@ -126,6 +126,65 @@ local function edge_model(body)
   return 'm' .. model
 end
 
+-- The top-level keys of the JSON object whose "{" is at "start": key -> position of its
+-- value (the last of duplicates, as the engine reads them), or nil when malformed.
+local function object_values(body, start)
+  local values = {}
+  local depth = 0
+  local pos = start
+  while true do
+    pos = string.find(body, '[{}%[%]"]', pos)
+    if not pos then
+      return nil
+    end
+    local char = string.sub(body, pos, pos)
+    if char == '"' then
+      local value, after = read_string(body, pos)
+      if not value then
+        return nil
+      end
+      if depth == 1 then
+        local colon = string.find(body, '%S', after)
+        if colon and string.sub(body, colon, colon) == ':' then
+          values[value] = string.find(body, '%S', colon + 1)
+        end
+      end
+      pos = after
+    elseif char == '{' or char == '[' then
+      depth = depth + 1
+      pos = pos + 1
+    else
+      depth = depth - 1
+      pos = pos + 1
+      if depth == 0 then
+        return values
+      end
+    end
+  end
+end
+
+local function is_true(body, pos)
+  return pos ~= nil and string.sub(body, pos, pos + 3) == 'true'
+end
+
+-- "u" for a streamed request that does not ask for usage (stream_options.include_usage):
+-- the engine would then report no tokens for it; "" otherwise.
+local function edge_stream_without_usage(body)
+  local start = string.find(body, '%S')
+  local values = start and object_values(body, start)
+  if not values or not is_true(body, values['stream']) then
+    return ''
+  end
+  local options = values['stream_options']
+  if options and string.sub(body, options, options) == '{' then
+    local inner = object_values(body, options)
+    if inner and is_true(body, inner['include_usage']) then
+      return ''
+    end
+  end
+  return 'u'
+end
+
 -- Seconds until the next calendar month begins (UTC): when a monthly quota resets.
 local function edge_month_left()
   local now = os.time()
@@ -178,6 +237,49 @@ local function seconds(now)
   return now.sec + now.usec / 1e6
 end
 
+-- Token budgets: tokens a response used, owed by its key until the key's next request
+-- through this load balancer adds them to the shared counters (st_tokens_hour and
+-- st_tokens_month; HAProxy's rules can add to a counter only while a request is checked).
+-- Per key hash: the hour and month they were used in, and how many.
+local owed = {}
+
+local function hour_id()
+  return os.time() // 3600
+end
+
+local function month_id()
+  return os.date('!%Y%m')
+end
+
+local function owe(hash, tokens)
+  local entry = owed[hash]
+  local hour, month = hour_id(), month_id()
+  if not entry then
+    entry = { hour = hour, hour_tokens = 0, month = month, month_tokens = 0 }
+    owed[hash] = entry
+  end
+  if entry.hour ~= hour then
+    entry.hour, entry.hour_tokens = hour, 0
+  end
+  if entry.month ~= month then
+    entry.month, entry.month_tokens = month, 0
+  end
+  entry.hour_tokens = entry.hour_tokens + tokens
+  entry.month_tokens = entry.month_tokens + tokens
+end
+
+-- Sets txn.owed_hour and txn.owed_month to what the key owes in the current hour and month.
+local function edge_take_owed(txn)
+  local hash = txn:get_var('txn.key_hash')
+  local entry = hash and owed[hash]
+  if not entry then
+    return
+  end
+  owed[hash] = nil
+  txn:set_var('txn.owed_hour', entry.hour == hour_id() and entry.hour_tokens or 0)
+  txn:set_var('txn.owed_month', entry.month == month_id() and entry.month_tokens or 0)
+end
+
 local Usage = { id = 'edge usage', flags = filter and filter.FLT_CFG_FL_HTX }
 Usage.__index = Usage
 
@@ -220,6 +322,9 @@ function Usage:end_analyze(txn, chn)
   if prompt then
     add(usage.tokens, string.format('key="%s",model="%s",kind="prompt"', key, model), prompt)
     add(usage.tokens, string.format('key="%s",model="%s",kind="completion"', key, model), completion)
+    if txn:get_var('txn.token_budget') and prompt + completion > 0 then
+      owe(txn:get_var('txn.key_hash'), prompt + completion)
+    end
   end
   if model ~= '' and self.started then
     local took = seconds(core.now()) - self.started
@@ -303,6 +408,9 @@ if core then
   core.register_filter('edge_usage', Usage, function(instance) return instance end)
   core.register_service('edge_usage_metrics', 'http', edge_usage_metrics)
   core.register_action('edge_usage_count', { 'http-after-res' }, edge_usage_count)
+  core.register_action('edge_take_owed', { 'http-req' }, edge_take_owed)
+  core.register_converters('edge_stream_without_usage', edge_stream_without_usage)
 end
 
-return { edge_model = edge_model, edge_usage_tokens = edge_usage_tokens }
+return { edge_model = edge_model, edge_usage_tokens = edge_usage_tokens,
+         edge_stream_without_usage = edge_stream_without_usage }
