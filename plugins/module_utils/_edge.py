@@ -34,9 +34,11 @@ _POOLING_ARGS = {
     "--convert": {"embed", "classify", "reward"},
 }
 DEFAULT_MAXCONN = 256
-# Request limits per key, each over a fixed window (calendar month in UTC for the last);
-# requests_per_minute is also spelled rate_limit.
-LIMIT_NAMES = ("requests_per_minute", "requests_per_hour", "requests_per_day", "requests_per_month")
+# Limits per key, each over a fixed window (calendar month in UTC for the months):
+# requests, and tokens the engines reported (usage); requests_per_minute is also spelled
+# rate_limit.  In this order after role, requests per minute and name in the key map.
+LIMIT_NAMES = ("requests_per_minute", "requests_per_hour", "requests_per_day", "requests_per_month",
+               "tokens_per_hour", "tokens_per_month")
 MIN_KEY_LENGTH = 16
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]*$")
 _ROLE = re.compile(r"^[a-z][a-z0-9_-]*$")

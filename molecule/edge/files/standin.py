@@ -8,7 +8,9 @@ Serves what the edge routes to and what it must keep closed:
 - ``/v1/*``: 401 ``{"error":"Unauthorized"}`` unless ``Authorization: Bearer <key>`` carries
   the engine key (read from a file, as the engine reads APHRODITE_API_KEY);
 - ``GET /v1/models``, ``POST /v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``,
-  with ``"stream": true`` answered as server-sent events, one chunk per ``max_tokens``.
+  with ``"stream": true`` answered as server-sent events, one chunk per ``max_tokens``;
+  ``usage`` (prompt, completion and total tokens) in every answer, and in a stream only with
+  ``stream_options.include_usage``, as a last chunk with no choices (the engine's OpenAI server).
 
 Every request is appended to ``/var/log/edge-standin/<port>.jsonl`` (path, method, whether
 the key matched; never a key) so tests can tell what reached an engine.
@@ -101,6 +103,8 @@ def make_handler(config: dict, key: str, log_path: str, down_flag: str):
                 return self._send(404, {"detail": "Not Found"})
             tokens = max(1, min(int(body.get("max_tokens") or 3), 200))
             delay = float(body.get("stream_delay", 0.05))
+            prompt = len(json.dumps(body.get("messages", body.get("prompt", ""))).split())
+            usage = {"prompt_tokens": prompt, "completion_tokens": tokens, "total_tokens": prompt + tokens}
             if body.get("stream"):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -112,13 +116,18 @@ def make_handler(config: dict, key: str, log_path: str, down_flag: str):
                              "choices": [{"index": 0, "delta": {"content": f"t{index} "}}]}
                     self._chunk(f"data: {json.dumps(chunk)}\n\n".encode())
                     time.sleep(delay)
+                # As the engine's OpenAI server: usage in a stream only when asked, as a last
+                # chunk with no choices.
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    chunk = {"object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage}
+                    self._chunk(f"data: {json.dumps(chunk)}\n\n".encode())
                 self._chunk(b"data: [DONE]\n\n")
                 self._chunk(b"")
                 return None
             text = " ".join(f"t{i}" for i in range(tokens))
             return self._send(200, {"object": "chat.completion", "model": model, "replica": config["name"],
                                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                                 "finish_reason": "length"}]})
+                                                 "finish_reason": "length"}], "usage": usage})
 
         def _chunk(self, data: bytes) -> None:
             self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")

@@ -494,6 +494,34 @@ def test_hourly_and_daily_limits_name_themselves(tls, lab):
     assert abs(int(over.headers["retry-after"]) - (86400 - time.time() % 86400)) <= 2
 
 
+def test_a_token_budget_is_exhausted_by_usage_then_refused(tls, lab):
+    """Checked before a request, charged with its answer's usage at the key's next request."""
+    key, budget = KEYS["tokens"], 10
+    if 3600 - time.time() % 3600 < 30:
+        time.sleep(3600 - time.time() % 3600 + 0.5)
+    hour = f"{_digest(key)}:{int(time.time()) // 3600}"
+    _clear(lab, "st_tokens_hour", hour)
+    # A stream that would not report its tokens is refused for a key with a budget.
+    unasked = call(tls, "POST", "/v1/chat/completions", key, {"model": LLAMA, "messages": [], "stream": True})
+    assert unasked.status == 400 and "include_usage" in unasked.json()["error"]["message"]
+    used = 0
+    for _ in range(5):
+        reply = chat(tls, key=key)
+        if reply.status != 200:
+            break
+        used += reply.json()["usage"]["total_tokens"]
+    assert reply.status == 429 and used >= budget
+    error = reply.json()["error"]
+    assert (error["type"], error["param"]) == ("rate_limit_error", "tokens_per_hour")
+    assert f"may use {budget} tokens per hour and has used {used}" in error["message"]
+    assert abs(int(reply.headers["retry-after"]) - (3600 - time.time() % 3600)) <= 2
+    # Charged on the pair: the other load balancer holds the same count (peers).
+    for name in LBS:
+        assert wait_for(lambda name=name: f"gpc0={used}" in runtime_api(lab[name], f"show table st_tokens_hour key {hour}"), 5)
+    # Another key without a budget is not affected.
+    assert chat(tls).status == 200
+
+
 def _flood(host, address: str, count: int, key: str | None = None) -> dict:
     """``count`` requests from a lab host over one keep-alive connection: status -> how many."""
     script = (
@@ -625,6 +653,71 @@ def test_metrics_only_on_the_internal_frontend(tls, addresses):
     with pytest.raises(OSError):
         socket.create_connection((VIP, 8405), timeout=3).close()
     assert call(tls, "GET", "/metrics", KEYS["ops"]).status == 404
+
+
+def _usage(addresses) -> dict:
+    """``(metric, labels)`` -> value from both load balancers' usage endpoints, summed."""
+    totals: dict = {}
+    for name in LBS:
+        text = subprocess.run(["curl", "-sS", "--max-time", "5", f"http://{addresses[name]}:8405/metrics/usage"],
+                              capture_output=True, text=True, check=True).stdout
+        assert not any(secret in text for secret in SECRETS)
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, value = line.rsplit(" ", 1)
+                metric, _, labels = series.partition("{")
+                totals[(metric, "{" + labels)] = totals.get((metric, "{" + labels), 0) + float(value)
+    return totals
+
+
+def _stream_usage(tls, include_usage: bool) -> tuple[dict | None, int]:
+    """A streamed chat as alice: the usage chunk it got (None without one), and its chunk count."""
+    body = {"model": LLAMA, "messages": [{"role": "user", "content": "a b c"}], "stream": True, "max_tokens": 3,
+            "stream_delay": 0.01}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    reply = call(tls, "POST", "/v1/chat/completions", KEYS["alice"], body)
+    assert reply.status == 200
+    events = [json.loads(line[6:]) for line in reply.body.decode().splitlines()
+              if line.startswith("data: {")]
+    usage = [e["usage"] for e in events if e.get("usage")]
+    assert all(e["choices"] == [] for e in events if e.get("usage"))
+    return (usage[0] if usage else None), len(events)
+
+
+def test_usage_per_key_name_is_exported(tls, addresses):
+    """Requests, errors and tokens per key name and latency per model on the metrics listener
+    (the firewall scenario checks that only the monitoring host reaches that port)."""
+    before = _usage(addresses)
+    plain = chat(tls, max_tokens=2)
+    assert plain.status == 200
+    streamed, _ = _stream_usage(tls, include_usage=True)
+    unasked, chunks = _stream_usage(tls, include_usage=False)
+    # The edge passes a stream as the engine sent it: no usage chunk the client did not ask for.
+    assert unasked is None and chunks == 3
+    assert chat(tls, model="no-such-model").status == 404
+    after = _usage(addresses)
+
+    def grew(metric: str, labels: str) -> float:
+        return after.get((metric, labels), 0) - before.get((metric, labels), 0)
+
+    served = f'{{key="alice",model="{LLAMA}",code="200"}}'
+    assert grew("aphrodite_edge_requests_total", served) == 3
+    assert grew("aphrodite_edge_requests_total", '{key="alice",model="no-such-model",code="404"}') == 1
+    usage = plain.json()["usage"]
+    assert grew("aphrodite_edge_tokens_total", f'{{key="alice",model="{LLAMA}",kind="completion"}}') == \
+        usage["completion_tokens"] + streamed["completion_tokens"] == 5
+    assert grew("aphrodite_edge_tokens_total", f'{{key="alice",model="{LLAMA}",kind="prompt"}}') == \
+        usage["prompt_tokens"] + streamed["prompt_tokens"]
+    # End-to-end latency per model: every served request in the histogram, buckets cumulative.
+    assert grew("aphrodite_edge_request_duration_seconds_count", f'{{model="{LLAMA}"}}') == 3
+    buckets = sorted((float(labels.rsplit('le="', 1)[1].rstrip('"}').replace("+Inf", "inf")), value)
+                     for (metric, labels), value in after.items()
+                     if metric == "aphrodite_edge_request_duration_seconds_bucket" and f'model="{LLAMA}"' in labels)
+    assert [value for _, value in buckets] == sorted(value for _, value in buckets)
+    assert buckets[-1][1] == after[("aphrodite_edge_request_duration_seconds_count", f'{{model="{LLAMA}"}}')]
+    # Nothing of it on the public frontend.
+    assert call(tls, "GET", "/metrics/usage", KEYS["ops"]).status == 404
 
 
 def test_runtime_api_socket_is_root_only(lab):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import jinja2
 import pytest
 import yaml
 from ansible.errors import AnsibleFilterError
@@ -159,7 +160,8 @@ def test_roles_expand_the_wildcard():
     assert roles["admin"]["endpoints"] == ENDPOINTS
     assert roles["customer"] == {"endpoints": ["chat", "completions", "models"], "rate_limit": 60,
                                  "limits": {"requests_per_minute": 60, "requests_per_hour": 0,
-                                            "requests_per_day": 0, "requests_per_month": 0}}
+                                            "requests_per_day": 0, "requests_per_month": 0,
+                                            "tokens_per_hour": 0, "tokens_per_month": 0}}
 
 
 @pytest.mark.parametrize(("roles", "message"), [
@@ -174,6 +176,10 @@ def test_roles_expand_the_wildcard():
     ({"customer": {"endpoints": ["chat"], "limits": {"requests_per_month": "1M"}}},
      r"customer.limits.requests_per_month must be an integer >= 0 \(requests per month"),
     ({"customer": {"endpoints": ["chat"], "limits": [1]}}, "limits must be a mapping"),
+    ({"customer": {"endpoints": ["chat"], "limits": {"tokens_per_day": 5}}},
+     "names tokens_per_day; the limits are .*tokens_per_hour, tokens_per_month"),
+    ({"customer": {"endpoints": ["chat"], "limits": {"tokens_per_month": 1.5}}},
+     r"customer.limits.tokens_per_month must be an integer >= 0 \(tokens per month per key"),
     ({"customer": {"endpoints": ["chat"], "rate_limit": 5, "limits": {"requests_per_minute": 6}}},
      "both rate_limit and limits.requests_per_minute"),
 ])
@@ -191,7 +197,8 @@ def test_key_entries_hold_the_upper_case_sha256_and_never_the_key():
     assert entries[0] == {"hash": hashlib.sha256(key.encode()).hexdigest().upper(), "role": "customer",
                           "rate_limit": 60, "name": "alice",
                           "limits": {"requests_per_minute": 60, "requests_per_hour": 0,
-                                     "requests_per_day": 0, "requests_per_month": 0}}
+                                     "requests_per_day": 0, "requests_per_month": 0,
+                                     "tokens_per_hour": 0, "tokens_per_month": 0}}
     assert entries[1]["rate_limit"] == 5
     assert key not in repr(entries)
 
@@ -203,8 +210,62 @@ def test_a_key_overrides_its_roles_limits_one_by_one():
     [entry] = _edge.api_key_entries([{"name": "trial", "key": "sk-test-0123456789abcdef", "role": "customer",
                                       "limits": {"requests_per_month": 100, "requests_per_hour": 50}}], roles)
     assert entry["limits"] == {"requests_per_minute": 60, "requests_per_hour": 50,
-                               "requests_per_day": 1000, "requests_per_month": 100}
+                               "requests_per_day": 1000, "requests_per_month": 100,
+                               "tokens_per_hour": 0, "tokens_per_month": 0}
     assert entry["rate_limit"] == 60
+
+
+def test_a_key_gets_token_budgets_from_its_role_or_its_own():
+    roles = _edge.validate_roles({"customer": {"endpoints": ["chat"], "rate_limit": 60,
+                                               "limits": {"tokens_per_hour": 100000, "tokens_per_month": 1000000}}},
+                                 ENDPOINTS)
+    default, own = _edge.api_key_entries([
+        {"name": "acme", "key": "sk-test-0123456789abcdef", "role": "customer"},
+        {"name": "trial", "key": "sk-test-0123456789abcdeg", "role": "customer", "limits": {"tokens_per_month": 5000}}],
+        roles)
+    assert (default["limits"]["tokens_per_hour"], default["limits"]["tokens_per_month"]) == (100000, 1000000)
+    assert (own["limits"]["tokens_per_hour"], own["limits"]["tokens_per_month"]) == (100000, 5000)
+
+
+def _key_map(entries: list) -> list:
+    role = Path(__file__).resolve().parents[3] / "roles" / "haproxy"
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    environment.filters["comment"] = lambda text: f"# {text}"
+    template = environment.from_string((role / "templates" / "etc" / "haproxy" / "apikeys.map.j2").read_text())
+    text = template.render(ansible_managed="managed", __haproxy_key_entries=entries)
+    return [line.split(" ", 1) for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def test_the_key_map_holds_each_limit_in_the_field_haproxy_reads():
+    """haproxy.cfg reads field N (1-based, ':'-separated) of a key's map value for each window."""
+    role = Path(__file__).resolve().parents[3] / "roles" / "haproxy"
+    variables = yaml.safe_load((role / "vars" / "main.yml").read_text())
+    roles = _edge.validate_roles({"customer": {"endpoints": ["chat"], "rate_limit": 1}}, ENDPOINTS)
+    limits = {"requests_per_hour": 2, "requests_per_day": 3, "requests_per_month": 4,
+              "tokens_per_hour": 5, "tokens_per_month": 6}
+    [[digest, value]] = _key_map(_edge.api_key_entries(
+        [{"name": "acme", "key": "sk-test-0123456789abcdef", "role": "customer", "limits": limits}], roles))
+    fields = value.split(":")
+    assert digest == _edge.key_hash("sk-test-0123456789abcdef")
+    assert (fields[0], fields[2]) == ("customer", "acme")
+    read = {f"{kind}_per_{window['name']}": int(fields[window["field"] - 1])
+            for kind, windows in (("requests", variables["__haproxy_key_windows"]),
+                                  ("tokens", variables["__haproxy_token_windows"]))
+            for window in windows}
+    assert read == {"requests_per_minute": 1, **limits}
+
+
+def test_a_key_map_of_the_earlier_format_still_reads_as_no_token_budget():
+    """Six fields (before token budgets): fields 7 and 8 are empty, which the rules read as no budget."""
+    role = Path(__file__).resolve().parents[3] / "roles" / "haproxy"
+    config = (role / "templates" / "etc" / "haproxy" / "haproxy.cfg.j2").read_text()
+    for window in yaml.safe_load((role / "vars" / "main.yml").read_text())["__haproxy_token_windows"]:
+        uses = [line for line in config.splitlines()
+                if f"txn.{window['limit']}" in line and f"set-var(txn.{window['limit']})" not in line]
+        assert uses
+        for line in uses:
+            # Every rule that reads a budget is guarded by "-m int gt 0": false for an absent field.
+            assert f"{{ var(txn.{window['limit']}) -m int gt 0 }}" in line, line
 
 
 @pytest.mark.parametrize(("keys", "message"), [

@@ -87,7 +87,13 @@ NODE_METRICS = {"node_filesystem_avail_bytes", "node_filesystem_size_bytes", "no
                 "node_filesystem_readonly", "node_filesystem_files", "node_filesystem_files_free",
                 "node_filesystem_device_error"}
 
-KNOWN = ENGINE_METRICS | DCGM_METRICS | HAPROXY_METRICS | BLACKBOX_METRICS | PROMETHEUS_METRICS | NODE_METRICS
+# What the edge's Lua prints on /metrics/usage (its "# TYPE" lines; histograms in series).
+EDGE_LUA = ROOT / "roles" / "haproxy" / "files" / "etc" / "haproxy" / "edge.lua"
+EDGE_METRICS = set().union(*(
+    _histogram(name) if kind == "histogram" else {name}
+    for name, kind in re.findall(r"# TYPE (aphrodite_edge_\w+) (\w+)", EDGE_LUA.read_text())))
+
+KNOWN = ENGINE_METRICS | DCGM_METRICS | HAPROXY_METRICS | BLACKBOX_METRICS | PROMETHEUS_METRICS | NODE_METRICS | EDGE_METRICS
 
 _KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset",
              "and", "or", "unless", "inf", "nan"}

@@ -126,6 +126,65 @@ local function edge_model(body)
   return 'm' .. model
 end
 
+-- The top-level keys of the JSON object whose "{" is at "start": key -> position of its
+-- value (the last of duplicates, as the engine reads them), or nil when malformed.
+local function object_values(body, start)
+  local values = {}
+  local depth = 0
+  local pos = start
+  while true do
+    pos = string.find(body, '[{}%[%]"]', pos)
+    if not pos then
+      return nil
+    end
+    local char = string.sub(body, pos, pos)
+    if char == '"' then
+      local value, after = read_string(body, pos)
+      if not value then
+        return nil
+      end
+      if depth == 1 then
+        local colon = string.find(body, '%S', after)
+        if colon and string.sub(body, colon, colon) == ':' then
+          values[value] = string.find(body, '%S', colon + 1)
+        end
+      end
+      pos = after
+    elseif char == '{' or char == '[' then
+      depth = depth + 1
+      pos = pos + 1
+    else
+      depth = depth - 1
+      pos = pos + 1
+      if depth == 0 then
+        return values
+      end
+    end
+  end
+end
+
+local function is_true(body, pos)
+  return pos ~= nil and string.sub(body, pos, pos + 3) == 'true'
+end
+
+-- "u" for a streamed request that does not ask for usage (stream_options.include_usage):
+-- the engine would then report no tokens for it; "" otherwise.
+local function edge_stream_without_usage(body)
+  local start = string.find(body, '%S')
+  local values = start and object_values(body, start)
+  if not values or not is_true(body, values['stream']) then
+    return ''
+  end
+  local options = values['stream_options']
+  if options and string.sub(body, options, options) == '{' then
+    local inner = object_values(body, options)
+    if inner and is_true(body, inner['include_usage']) then
+      return ''
+    end
+  end
+  return 'u'
+end
+
 -- Seconds until the next calendar month begins (UTC): when a monthly quota resets.
 local function edge_month_left()
   local now = os.time()
@@ -138,9 +197,220 @@ local function edge_month_left()
   return (days - today.day) * 86400 + 86400 - into_day
 end
 
+-- Usage per key name and model, for Prometheus (the edge_usage filter counts, the
+-- edge_usage_metrics service prints).  One Lua state serves every thread (lua-load), so
+-- these tables are the process's; they start at zero when HAProxy (re)starts, which
+-- Prometheus counters allow.  Keys never appear here: only their names.
+local usage = { requests = {}, tokens = {}, latency = {} }
+-- Upper bounds of the latency histogram, in seconds: a generation takes from a fraction
+-- of a second to minutes.
+local latency_buckets = { 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300 }
+
+local function add(tbl, labels, amount)
+  tbl[labels] = (tbl[labels] or 0) + amount
+end
+
+local function label_value(text)
+  return (string.gsub(tostring(text), '[\\"\n]', { ['\\'] = '\\\\', ['"'] = '\\"', ['\n'] = '\\n' }))
+end
+
+-- The last "usage" object of a response's tail: the engine's counts come last, after any
+-- generated text (which, being a JSON string, cannot hold an unescaped '"usage":').
+local function edge_usage_tokens(tail)
+  local object
+  for found in string.gmatch(tail, '"usage"%s*:%s*(%b{})') do
+    object = found
+  end
+  if not object then
+    return nil
+  end
+  local prompt = tonumber(string.match(object, '"prompt_tokens"%s*:%s*(%d+)'))
+  local completion = tonumber(string.match(object, '"completion_tokens"%s*:%s*(%d+)'))
+  return prompt or 0, completion or 0
+end
+
+-- Bytes of a response kept to find its usage: the final usage chunk of a stream, or the
+-- end of a JSON answer, is far shorter.
+local tail_bytes = 4096
+
+local function seconds(now)
+  return now.sec + now.usec / 1e6
+end
+
+-- Token budgets: tokens a response used, owed by its key until the key's next request
+-- through this load balancer adds them to the shared counters (st_tokens_hour and
+-- st_tokens_month; HAProxy's rules can add to a counter only while a request is checked).
+-- Per key hash: the hour and month they were used in, and how many.
+local owed = {}
+
+local function hour_id()
+  return os.time() // 3600
+end
+
+local function month_id()
+  return os.date('!%Y%m')
+end
+
+local function owe(hash, tokens)
+  local entry = owed[hash]
+  local hour, month = hour_id(), month_id()
+  if not entry then
+    entry = { hour = hour, hour_tokens = 0, month = month, month_tokens = 0 }
+    owed[hash] = entry
+  end
+  if entry.hour ~= hour then
+    entry.hour, entry.hour_tokens = hour, 0
+  end
+  if entry.month ~= month then
+    entry.month, entry.month_tokens = month, 0
+  end
+  entry.hour_tokens = entry.hour_tokens + tokens
+  entry.month_tokens = entry.month_tokens + tokens
+end
+
+-- Sets txn.owed_hour and txn.owed_month to what the key owes in the current hour and month.
+local function edge_take_owed(txn)
+  local hash = txn:get_var('txn.key_hash')
+  local entry = hash and owed[hash]
+  if not entry then
+    return
+  end
+  owed[hash] = nil
+  txn:set_var('txn.owed_hour', entry.hour == hour_id() and entry.hour_tokens or 0)
+  txn:set_var('txn.owed_month', entry.month == month_id() and entry.month_tokens or 0)
+end
+
+local Usage = { id = 'edge usage', flags = filter and filter.FLT_CFG_FL_HTX }
+Usage.__index = Usage
+
+function Usage:new()
+  return setmetatable({ tail = '' }, Usage)
+end
+
+function Usage:start_analyze(txn, chn)
+  if not chn:is_resp() then
+    self.started = seconds(core.now())
+  end
+  return filter.CONTINUE
+end
+
+function Usage:http_headers(txn, msg)
+  if msg.channel:is_resp() then
+    local model = txn:get_var('txn.model')
+    if model then
+      filter.register_data_filter(self, msg.channel)
+    end
+  end
+  return filter.CONTINUE
+end
+
+function Usage:http_payload(txn, msg)
+  local data = msg:body(0, msg:input())
+  if data then
+    self.tail = string.sub(self.tail .. data, -tail_bytes)
+  end
+end
+
+function Usage:end_analyze(txn, chn)
+  if not chn:is_resp() or self.counted then
+    return filter.CONTINUE
+  end
+  self.counted = true
+  local key = label_value(txn:get_var('txn.key_name') or '')
+  local model = label_value(txn:get_var('txn.model') or '')
+  local prompt, completion = edge_usage_tokens(self.tail)
+  if prompt then
+    add(usage.tokens, string.format('key="%s",model="%s",kind="prompt"', key, model), prompt)
+    add(usage.tokens, string.format('key="%s",model="%s",kind="completion"', key, model), completion)
+    if txn:get_var('txn.token_budget') and prompt + completion > 0 then
+      owe(txn:get_var('txn.key_hash'), prompt + completion)
+    end
+  end
+  if model ~= '' and self.started then
+    local took = seconds(core.now()) - self.started
+    local series = usage.latency[model]
+    if not series then
+      series = { buckets = {}, sum = 0, count = 0 }
+      for index = 1, #latency_buckets do
+        series.buckets[index] = 0
+      end
+      usage.latency[model] = series
+    end
+    for index, bound in ipairs(latency_buckets) do
+      if took <= bound then
+        series.buckets[index] = series.buckets[index] + 1
+      end
+    end
+    series.sum = series.sum + took
+    series.count = series.count + 1
+  end
+  return filter.CONTINUE
+end
+
+-- Every response, the edge's own answers (401, 429...) included, which no filter sees:
+-- counted when its headers leave (http-after-response).
+local function edge_usage_count(txn)
+  local key = label_value(txn:get_var('txn.key_name') or '')
+  local model = label_value(txn:get_var('txn.model') or '')
+  add(usage.requests, string.format('key="%s",model="%s",code="%s"', key, model, txn.sf:status()), 1)
+end
+
+local function sorted_keys(tbl)
+  local keys = {}
+  for name in pairs(tbl) do
+    keys[#keys + 1] = name
+  end
+  table.sort(keys)
+  return keys
+end
+
+-- The Prometheus text format of the tables above.
+local function edge_usage_text()
+  local lines = {
+    '# HELP aphrodite_edge_requests_total Requests answered by this HAProxy process, by API key name, model and status.',
+    '# TYPE aphrodite_edge_requests_total counter',
+  }
+  for _, labels in ipairs(sorted_keys(usage.requests)) do
+    lines[#lines + 1] = string.format('aphrodite_edge_requests_total{%s} %d', labels, usage.requests[labels])
+  end
+  lines[#lines + 1] = '# HELP aphrodite_edge_tokens_total Tokens the engines reported (usage), by API key name, model and kind.'
+  lines[#lines + 1] = '# TYPE aphrodite_edge_tokens_total counter'
+  for _, labels in ipairs(sorted_keys(usage.tokens)) do
+    lines[#lines + 1] = string.format('aphrodite_edge_tokens_total{%s} %d', labels, usage.tokens[labels])
+  end
+  lines[#lines + 1] = '# HELP aphrodite_edge_request_duration_seconds From the request to the last byte of its response, by model.'
+  lines[#lines + 1] = '# TYPE aphrodite_edge_request_duration_seconds histogram'
+  for _, model in ipairs(sorted_keys(usage.latency)) do
+    local series = usage.latency[model]
+    for index, bound in ipairs(latency_buckets) do
+      lines[#lines + 1] = string.format('aphrodite_edge_request_duration_seconds_bucket{model="%s",le="%s"} %d',
+                                        model, tostring(bound), series.buckets[index])
+    end
+    lines[#lines + 1] = string.format('aphrodite_edge_request_duration_seconds_bucket{model="%s",le="+Inf"} %d', model, series.count)
+    lines[#lines + 1] = string.format('aphrodite_edge_request_duration_seconds_sum{model="%s"} %.6f', model, series.sum)
+    lines[#lines + 1] = string.format('aphrodite_edge_request_duration_seconds_count{model="%s"} %d', model, series.count)
+  end
+  return table.concat(lines, '\n') .. '\n'
+end
+
+local function edge_usage_metrics(applet)
+  local text = edge_usage_text()
+  applet:set_status(200)
+  applet:add_header('content-type', 'text/plain; version=0.0.4')
+  applet:add_header('content-length', tostring(#text))
+  applet:start_response()
+  applet:send(text)
+end
+
 if core then
   core.register_converters('edge_model', edge_model)
   core.register_fetches('edge_month_left', edge_month_left)
+  core.register_filter('edge_usage', Usage, function(instance) return instance end)
+  core.register_service('edge_usage_metrics', 'http', edge_usage_metrics)
+  core.register_action('edge_usage_count', { 'http-after-res' }, edge_usage_count)
+  core.register_action('edge_take_owed', { 'http-req' }, edge_take_owed)
+  core.register_converters('edge_stream_without_usage', edge_stream_without_usage)
 end
 
-return edge_model
+return { edge_model = edge_model, edge_usage_tokens = edge_usage_tokens,
+         edge_stream_without_usage = edge_stream_without_usage }
