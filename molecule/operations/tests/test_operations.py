@@ -154,7 +154,11 @@ def load(host):
     with host.sudo():
         ca.write_text(host.file("/etc/haproxy/pki/ca.crt").content_string)
     (EPHEMERAL / "changed.json").write_text(json.dumps(CHANGED))
-    address = host.ansible.get_variables()["ansible_host"]
+    # The virtual IP of the fleet model, which keepalived holds on the load balancer.
+    rc, _, out = playbook(SCENARIO / "fleet_vip.yml")
+    assert rc == 0, out
+    address = out.split("fleet-vip=", 1)[1].split('"', 1)[0]
+    assert address and address in host.check_output("ip -o -4 addr show"), f"the load balancer does not hold the VIP {address!r}"
     with Load(f"https://{address}/v1", str(ca)) as running, \
             Load(f"https://{address}/v1", str(ca), model=BIG, short=1, streams=1) as big:
         running.big = big
