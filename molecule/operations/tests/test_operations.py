@@ -246,6 +246,7 @@ def test_operations_lose_no_request(host, load) -> None:
         time.sleep(1)
     assert code == "503", f"the head's /health answered {code!r} after its worker died"
     env = {**os.environ, "ANSIBLE_CONFIG": str(EPHEMERAL / "ansible.cfg"), "PYTHONPATH": str(PROJECT),
+           "ANSIBLE_HOST_KEY_CHECKING": "False",
            "ANSIBLE_COLLECTIONS_PATH": str(PROJECT / "collections"), "ANSIBLE_ROLES_PATH": str(PROJECT / "roles")}
     proc = subprocess.run([sys.executable, "-m", "aphrodite_deploy", "status", "-i", INVENTORY, "--json", "--quiet",
                            "--project-dir", str(PROJECT)], env=env, capture_output=True, text=True, timeout=300, check=False)
