@@ -17,6 +17,7 @@ from __future__ import annotations
 import calendar
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -157,8 +158,9 @@ def load(host):
     # The virtual IP of the fleet model, which keepalived holds on the load balancer.
     rc, _, out = playbook(SCENARIO / "fleet_vip.yml")
     assert rc == 0, out
-    address = out.split("fleet-vip=", 1)[1].split('"', 1)[0]
-    assert address and address in host.check_output("ip -o -4 addr show"), f"the load balancer does not hold the VIP {address!r}"
+    found = re.search(r"fleet-vip=([0-9.]+)", out)
+    address = found.group(1) if found else ""
+    assert address and f"inet {address}/" in host.check_output("ip -o -4 addr show"), f"the load balancer does not hold the VIP {address!r}"
     with Load(f"https://{address}/v1", str(ca)) as running, \
             Load(f"https://{address}/v1", str(ca), model=BIG, short=1, streams=1) as big:
         running.big = big
