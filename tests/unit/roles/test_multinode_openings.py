@@ -1,9 +1,7 @@
-"""The operations scenario's inventory plans a replica across both GPU nodes, and the firewall
-opens its rendezvous only between them.
-
-molecule/operations runs that replica (head and headless rank) but no firewall, so the
-openings its nodes would get are checked here, from the scenario's own variables, through
-the planner and the fleet model as preflight computes them.
+"""Two nodes of three 24 GB GPUs: two single-GPU replicas of an 8B model and one replica of a
+70B AWQ model that fits neither node alone, so the planner runs it across both (TP 2 x PP 2);
+the firewall opens its rendezvous only between those two nodes.  Through the planner and the
+fleet model as preflight computes them.
 """
 
 from __future__ import annotations
@@ -21,34 +19,32 @@ from ansible_collections.aphrodite.baremetal.plugins.module_utils._fleet_model i
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._plan_input import plan_inventory
 
 ROOT = Path(__file__).resolve().parents[3]
-SCENARIO = yaml.safe_load((ROOT / "molecule" / "operations" / "molecule.yml").read_text())
 FALLBACKS = yaml.safe_load((ROOT / "roles" / "firewall" / "vars" / "main.yml").read_text())["__firewall_fallback_openings"]
 ADDRESSES = {"ops-lb1": "172.28.80.11", "ops-gpu1": "172.28.80.12", "ops-gpu2": "172.28.80.13"}
 SETTINGS = {"admin_networks": ["172.28.80.1/32"], "client_networks": ["0.0.0.0/0"], "ssh_port": 22,
             "engine_peer_ports": "32768-60999"}
+GPUS = {"count": 3, "name": "NVIDIA GeForce RTX 4090", "memory_mib": 24564, "interconnect": "pcie"}
+MODELS = [
+    {"id": "meta-llama/Llama-3.1-8B-Instruct", "config": str(ROOT / "inventories/lab/models/llama-3.1-8b-instruct/config.json"),
+     "served_model_name": "llama-8b", "max_model_len": 8192, "replicas": 2, "tensor_parallel_size": 1},
+    # 37 GiB of weights and 10 GiB of KV cache: more than one node's usable GPUs hold.
+    {"id": "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4",
+     "config": str(ROOT / "tests/data/models/llama-3.1-70b-instruct-awq-int4/config.json"),
+     "served_model_name": "llama-70b", "max_model_len": 32768, "replicas": 1},
+]
 
 
 def _inventory() -> tuple[dict, dict, list]:
-    group_vars = SCENARIO["provisioner"]["inventory"]["group_vars"]
-    groups: dict = {"all": list(ADDRESSES), "ungrouped": []}
-    for platform in SCENARIO["platforms"]:
-        for group in platform["groups"]:
-            groups.setdefault(group, []).append(platform["name"])
-    hostvars = {}
-    for host, address in ADDRESSES.items():
-        variables = {k: v for k, v in group_vars["all"].items() if k != "aphrodite_models"}
-        for group in (g for g in groups if host in groups[g] and g in group_vars and g != "all"):
-            variables.update(group_vars[group])
-        hostvars[host] = {**variables, "ansible_host": address}
-    models = [{**m, "config": m["config"].replace("{{ lookup('ansible.builtin.env', 'MOLECULE_PROJECT_DIRECTORY') }}",
-                                                  str(ROOT))} for m in group_vars["all"]["aphrodite_models"]]
-    return hostvars, groups, models
+    groups = {"all": list(ADDRESSES), "ungrouped": [], "loadbalancers": ["ops-lb1"], "gpu_nodes": ["ops-gpu1", "ops-gpu2"]}
+    hostvars = {host: {"ansible_host": address, **({"aphrodite_gpus_declared": GPUS} if "gpu" in host else {})}
+                for host, address in ADDRESSES.items()}
+    return hostvars, groups, MODELS
 
 
 def _fleet() -> dict:
     hostvars, groups, models = _inventory()
     plan = plan_inventory(models, hostvars, groups).to_dict()
-    return fleet_model(plan, hostvars, groups, {"vip": hostvars["ops-lb1"]["aphrodite_vip"]})
+    return fleet_model(plan, hostvars, groups, {"vip": "172.28.80.100"})
 
 
 def test_the_scenario_plans_one_replica_across_both_gpu_nodes() -> None:
