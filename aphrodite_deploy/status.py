@@ -9,7 +9,7 @@ ports) and prints three reports that :class:`~.events.RunLog` keeps:
 - ``aphrodite_status_containers`` per GPU node: the engine containers Docker runs.
 
 A replica *serves* when every load balancer reaches its ``/health`` with 200 and every
-HAProxy that answered has it UP. Otherwise it is *drained* (in drain or maintenance on a
+HAProxy that answered has it UP (and, for a multi-node replica, every rank's container runs). Otherwise it is *drained* (in drain or maintenance on a
 load balancer: out of the pool on purpose), *unhealthy*, or *missing* (no container).
 """
 
@@ -87,6 +87,8 @@ class ReplicaStatus:
     health: dict[str, dict[str, Any]] = field(default_factory=dict)
     lb: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     metrics: dict[str, float | None] | None = None
+    # Multi-node replicas: every node's rank (0 is the head) with its container, in rank order.
+    ranks: list[dict[str, Any]] = field(default_factory=list)
     state: str = "unknown"
     problems: list[str] = field(default_factory=list)
 
@@ -94,7 +96,7 @@ class ReplicaStatus:
         return {"name": self.name, "model": self.model, "head": self.head, "address": self.address, "port": self.port,
                 "backend": self.backend, "state": self.state, "problems": list(self.problems),
                 "container": self.container, "health": self.health, "load_balancers": self.lb,
-                "metrics": self.metrics}
+                "metrics": self.metrics, "ranks": self.ranks}
 
 
 @dataclass
@@ -126,9 +128,14 @@ def build_status(log: RunLog) -> FleetStatus:
     replicas: dict[str, ReplicaStatus] = {}
     load_balancers: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
+    nodes_of: dict[str, list[str]] = {}
     for report in lb_reports:
         value = report.value if isinstance(report.value, dict) else {}
         servers = value.get("replicas") or []
+        for index, nodes in enumerate(value.get("nodes") or []):
+            server = _at(servers, index)
+            if isinstance(server, dict) and isinstance(nodes, list) and len(nodes) > 1:
+                nodes_of[str(server.get("name"))] = [str(n) for n in nodes]
         models = value.get("models") or []
         backends = value.get("backends") or []
         for index, server in enumerate(servers):
@@ -186,10 +193,11 @@ def build_status(log: RunLog) -> FleetStatus:
         for index, labels in enumerate(value.get("labels") or []):
             labels = labels if isinstance(labels, dict) else {}
             replica = labels.get("io.aphrodite.replica")
-            if not replica or str(labels.get("io.aphrodite.node-rank", "0")) != "0":
+            if not replica:
                 continue
+            rank = str(labels.get("io.aphrodite.node-rank", "0"))
             status = _at(value.get("statuses"), index)
-            containers[(report.host, replica)] = {
+            containers[(report.host, replica) if rank == "0" else (report.host, replica, rank)] = {
                 "name": ("/".join(names[index]) if isinstance(names[index], list) else str(names[index])).lstrip("/")
                 if index < len(names) else "",
                 "image": _at(value.get("images"), index), "state": _at(value.get("states"), index),
@@ -197,7 +205,8 @@ def build_status(log: RunLog) -> FleetStatus:
     if not lb_reports:
         # No load balancer answered: the replicas are what the GPU nodes run.
         notes.append("no load balancer report: replicas are taken from the engine containers, without health")
-        for (host, replica), container in containers.items():
+        for key in [k for k in containers if len(k) == 2]:
+            host, replica = key
             replicas.setdefault(replica, ReplicaStatus(name=replica, model="", head=host, address="", port=0))
 
     metrics_reports = log.reports_of("aphrodite_status_metrics")
@@ -214,8 +223,24 @@ def build_status(log: RunLog) -> FleetStatus:
         replica.health = dict(sorted(replica.health.items()))
         replica.lb = dict(sorted(replica.lb.items()))
         replica.container = containers.get((replica.head, replica.name))
+        if replica.name in nodes_of:
+            _ranks(replica, nodes_of[replica.name], containers, gpu_nodes)
         _judge(replica, replica.head in gpu_nodes and gpu_nodes[replica.head]["docker"])
     return FleetStatus(list(replicas.values()), dict(sorted(load_balancers.items())), dict(sorted(gpu_nodes.items())), notes)
+
+
+def _ranks(replica: ReplicaStatus, nodes: list[str], containers: dict[tuple, dict[str, Any]],
+           gpu_nodes: dict[str, dict[str, Any]]) -> None:
+    """Every rank of a multi-node replica with its container; a rank that does not run is a problem."""
+    for rank, host in enumerate(nodes):
+        container = containers.get((host, replica.name) if rank == 0 else (host, replica.name, str(rank)))
+        replica.ranks.append({"rank": rank, "host": host, "container": container})
+        if rank == 0 or not gpu_nodes.get(host, {}).get("docker"):
+            continue  # the head is judged as the replica; an unknown Docker says nothing
+        if container is None:
+            replica.problems.append(f"container of rank {rank} on {host}: none")
+        elif container.get("state") != "running":
+            replica.problems.append(f"container {container.get('name')} (rank {rank} on {host}) is {container.get('state')}")
 
 
 def _judge(replica: ReplicaStatus, docker_known: bool) -> None:
@@ -322,6 +347,11 @@ def render_status(status: FleetStatus) -> str:
             lines.append(f"note: {host}: Docker did not answer ({info['error']})")
     for note in status.notes:
         lines.append(f"note: {note}")
+    for r in status.replicas:
+        if r.ranks:
+            ranks = ", ".join(f"{k['rank']} {k['host']} " + (_container_cell(ReplicaStatus("", "", "", "", 0, container=k["container"]))
+                                                              if k["container"] else "none") for k in r.ranks)
+            lines.append(f"{r.name}: ranks {ranks}")
     for r in status.replicas:
         if r.state != "serving" and r.problems:
             lines.append(f"{r.name}: {'; '.join(r.problems)}")

@@ -166,3 +166,25 @@ def test_reports_are_read_from_the_events_only():
     status = build_status(log)
     assert [r.name for r in status.replicas] == ["llama-3-1-8b-0", "llama-3-1-8b-1"]
     assert status.all_serving
+
+
+def test_a_multi_node_replica_shows_every_rank_and_a_dead_worker(monkeypatch):
+    # One replica across gpu1 (head, rank 0) and gpu2 (headless rank 1); the worker exited.
+    servers = [SERVERS[0]]
+    lb = {"aphrodite_status_lb": {
+        "replicas": servers, "models": [MODEL], "backends": [BACKEND], "nodes": [["gpu1", "gpu2"]], "health": [503],
+        "health_errors": ["Status code was 503"], "runtime_api": json.dumps([row("llama-3-1-8b-0", "DOWN", "L7STS")]),
+        "runtime_api_error": ""}}
+    worker = {"aphrodite_status_containers": {
+        "error": "", "names": [["/aphrodite-llama-3-1-8b-0"]], "images": ["img:1"], "states": ["exited"],
+        "statuses": ["Exited (1) 3 seconds ago"],
+        "labels": [{"io.aphrodite.replica": "llama-3-1-8b-0", "io.aphrodite.node-rank": "1"}]}}
+    s = stream(lb, lb, containers("llama-3-1-8b-0"), worker, metrics=[METRICS])
+    code, out, _ = run(s.events, monkeypatch)
+    assert code == cli.EXIT_UNHEALTHY
+    assert "llama-3-1-8b-0: ranks 0 gpu1 running/healthy, 1 gpu2 exited" in out
+    assert "container aphrodite-llama-3-1-8b-0 (rank 1 on gpu2) is exited" in out
+    code, out, _ = run(s.events, monkeypatch, "--json")
+    ranks = json.loads(out)["replicas"][0]["ranks"]
+    assert [(r["rank"], r["host"], r["container"]["state"]) for r in ranks] == [(0, "gpu1", "running"), (1, "gpu2", "exited")]
+    assert json.loads(out)["replicas"][0]["state"] == "unhealthy"

@@ -156,3 +156,87 @@ def test_a_drain_ends_at_the_shutdown_timeout(standin_dir: Path) -> None:
     thread.join(10)
     assert 1 <= time.monotonic() - started < 5
     assert b"[DONE]" not in result["body"]
+
+
+# --------------------------------------------------------------------------- multi-node
+
+
+def _health(port: int) -> int:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        conn.request("GET", "/health")
+        return conn.getresponse().status
+    except OSError:
+        return -1
+
+
+def _wait_for(predicate, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _rank(folder: Path, port: int, master: int, rank: int, nnodes: int = 2) -> subprocess.Popen:
+    args = ["--model", "llama", "--host", "127.0.0.1", "--port", str(port), "--nnodes", str(nnodes),
+            "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(master)]
+    return subprocess.Popen([sys.executable, str(folder / "standin.py"), *args, *(["--headless"] if rank else [])],
+                            env={"PATH": os.environ.get("PATH", ""), "STANDIN_STARTUP_DELAY": "0"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_multi_node_head_serves_only_with_every_rank_and_dies_with_a_worker(standin_dir: Path) -> None:
+    port, master = _free_port(), _free_port()
+    head = _rank(standin_dir, port, master, 0)
+    worker = None
+    try:
+        # No API before the group is formed: the model loads across every rank.
+        time.sleep(1.5)
+        assert _health(port) == -1
+        worker = _rank(standin_dir, port, master, 1)
+        assert _wait_for(lambda: _health(port) == 200), "the head never served after its worker joined"
+        assert _post(port, {"model": "llama", "prompt": "hi", "max_tokens": 2})[0] == 200
+        # The worker dies: the head stays up but is dead for good, even when a new worker comes.
+        worker.kill()
+        worker.wait(5)
+        assert _wait_for(lambda: _health(port) == 503), "the head stayed healthy after its worker died"
+        assert _post(port, {"model": "llama", "prompt": "hi", "max_tokens": 2})[0] == 503
+        worker = _rank(standin_dir, port, master, 1)
+        time.sleep(1.5)
+        assert _health(port) == 503 and worker.poll() is None
+        # The head restarts: the waiting worker joins the new head, which serves again.
+        _stop(head)
+        head = _rank(standin_dir, port, master, 0)
+        assert _wait_for(lambda: _health(port) == 200), "the new head never formed a group with the waiting worker"
+    finally:
+        for proc in (head, worker):
+            if proc and proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+
+
+def test_a_worker_ends_when_its_head_goes_away(standin_dir: Path) -> None:
+    port, master = _free_port(), _free_port()
+    head, worker = _rank(standin_dir, port, master, 0), _rank(standin_dir, port, master, 1)
+    try:
+        assert _wait_for(lambda: _health(port) == 200)
+        head.kill()
+        head.wait(5)
+        assert worker.wait(10) == 1
+        assert "went away" in worker.stdout.read()
+    finally:
+        for proc in (head, worker):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+
+
+@pytest.mark.parametrize("args", [["--nnodes", "2", "--node-rank", "1"],
+                                  ["--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"],
+                                  ["--headless"]])
+def test_bad_multi_node_arguments_exit_2(standin_dir: Path, args: list) -> None:
+    proc = subprocess.run([sys.executable, str(standin_dir / "standin.py"), "--model", "llama", *args],
+                          capture_output=True, text=True, timeout=10, check=False)
+    assert proc.returncode == 2, proc.stderr
