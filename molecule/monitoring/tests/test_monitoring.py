@@ -82,8 +82,9 @@ def engine_replicas(host) -> dict:
 
 
 @pytest.fixture(scope="module")
-def traffic(host, prometheus) -> None:
-    """Chat completions through the edge, so that request, latency and token series move."""
+def traffic(host, prometheus) -> float:
+    """Chat completions through the edge, so that request, latency and token series move;
+    when they were sent (a rate must look back that far: tests of other hosts run between)."""
     _monitoring_only(host)
     lb = _address(_host_of(host, "loadbalancers"))
     context = ssl.create_default_context()
@@ -97,8 +98,10 @@ def traffic(host, prometheus) -> None:
                                                   "Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=30, context=context) as response:  # noqa: S310
             assert response.status == 200
+    sent = time.time()
     # Two scrapes (5 s apart in this scenario) of every target after the traffic.
     time.sleep(12)
+    return sent
 
 
 def _wait(check, timeout: float = TIMEOUT, delay: float = 2):
@@ -176,8 +179,10 @@ def _panel_queries() -> list:
 @pytest.mark.parametrize("expr", _panel_queries())
 def test_dashboard_query_returns_data(host, prometheus, traffic, expr):
     _monitoring_only(host)
-    # Grafana's own variable: a window that holds several scrapes.
-    promql = expr.replace("$__rate_interval", "1m")
+    # Grafana's own variable: a window that holds several scrapes and reaches back to the
+    # traffic (a histogram_quantile of rates without requests in the window is NaN).
+    window = max(60, int(time.time() - traffic) + 30)
+    promql = expr.replace("$__rate_interval", f"{window}s")
 
     def check():
         result = _query(prometheus, promql)
