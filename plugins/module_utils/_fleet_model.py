@@ -16,6 +16,12 @@ one place, instead of in every role's Jinja:
 - ``loadbalancers``: the load balancers (inventory order), the virtual IP, HAProxy's
   backends and route map and the fleet's ``GET /v1/models`` answer (from ``_edge``);
 - ``monitoring``: Prometheus' scrape targets per job;
+- ``logs``: where every host's journal goes (``receivers``: each monitoring host's
+  systemd-journal-remote URL) and which host holds the fleet CA that signs the log
+  certificates (``ca_host``: the first load balancer, whose edge CA the haproxy role makes);
+- ``link_tls``: the engine link's TLS (load balancers and Prometheus to each engine,
+  :func:`link_tls`): on or off, where every host keeps its files, and the subject of each
+  host's certificate from the edge CA;
 - ``plan``: the plan itself, unchanged.
 
 ``playbooks/fleet_model.yml`` (run by ``playbooks/preflight.yml``) publishes the result as
@@ -31,6 +37,7 @@ Pure Python: no Ansible imports.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -55,6 +62,7 @@ PORTS: Dict[str, int] = {
     "alertmanager_cluster": 9094,
     "grafana": 3000,
     "nfs": 2049,
+    "journal_remote": 19532,
 }
 # The inventory variable that overrides each port on a host (the owning role's public variable).
 PORT_VARIABLES: Dict[str, str] = {
@@ -67,13 +75,14 @@ PORT_VARIABLES: Dict[str, str] = {
     "alertmanager": "monitoring_alertmanager_port",
     "alertmanager_cluster": "monitoring_alertmanager_cluster_port",
     "grafana": "monitoring_grafana_port",
+    "journal_remote": "logs_remote_port",
 }
 # Which services (and so which ports) a host has, by group; "all" is every host.
 GROUP_SERVICES: Dict[str, Sequence[str]] = {
     "all": ("node_exporter",),
     "gpu_nodes": ("dcgm_exporter",),
     "loadbalancers": ("haproxy_frontend", "haproxy_peers", "haproxy_metrics"),
-    "monitoring": ("prometheus", "alertmanager", "alertmanager_cluster", "grafana"),
+    "monitoring": ("prometheus", "alertmanager", "alertmanager_cluster", "grafana", "journal_remote"),
     "nfs_servers": ("nfs",),
 }
 ADDRESS_VARIABLES = ("aphrodite_bind_address", "ansible_host")
@@ -82,6 +91,9 @@ HOST_VARIABLES = ADDRESS_VARIABLES + tuple(PORT_VARIABLES.values()) + ("monitori
 LB_GROUP = "loadbalancers"
 GPU_GROUP = "gpu_nodes"
 MONITORING_GROUP = "monitoring"
+# Where every host of the engine link keeps the edge CA's certificate and its own
+# certificate and key (HAProxy's naming: the key beside the PEM, ``<pem>.key``).
+LINK_TLS_DIR = "/etc/aphrodite/link-tls"
 
 
 class FleetModelError(ValueError):
@@ -247,6 +259,53 @@ def monitoring_targets(hosts: Mapping[str, Mapping[str, Any]], members: Mapping[
     }
 
 
+def log_receivers(hosts: Mapping[str, Mapping[str, Any]], members: Mapping[str, Sequence[str]]) -> Dict[str, Any]:
+    """Where journals go: every monitoring host's systemd-journal-remote (HTTPS), and the host
+    of the fleet CA (the first load balancer; ``None`` without one) that signs both ends."""
+    receivers = [{"host": h, "address": hosts[h]["address"], "port": hosts[h]["ports"]["journal_remote"],
+                  "url": f"https://{hosts[h]['url_host']}:{hosts[h]['ports']['journal_remote']}"}
+                 for h in members.get(MONITORING_GROUP, []) if h in hosts and "journal_remote" in hosts[h]["ports"]]
+    ca_hosts = [h for h in members.get(LB_GROUP, []) if h in hosts]
+    return {"receivers": receivers, "ca_host": ca_hosts[0] if ca_hosts else None}
+
+
+def link_tls(hosts: Mapping[str, Mapping[str, Any]], members: Mapping[str, Sequence[str]], enabled: bool) -> Dict[str, Any]:
+    """The engine link's TLS: every engine serves TLS with a certificate of the edge CA and
+    requires a client certificate of that CA, which the load balancers and the monitoring
+    hosts hold.  It needs the edge CA, so a fleet without load balancers runs it off.
+
+    Per host of the link: the subject of its certificate (common name: the inventory name;
+    alternative names: that name and the private address) and its uses (engines are servers
+    and, for their own container health check, clients).  ``ca_host`` signs them: the first
+    load balancer, which keeps the edge CA's key (the haproxy role).
+    """
+    lbs = set(members.get(LB_GROUP, []))
+    ca_host = next((h for h in members.get(LB_GROUP, []) if h in hosts), None)
+    engines = set(members.get(GPU_GROUP, []))
+    on = enabled and bool(lbs & set(hosts))
+    linked: Dict[str, Dict[str, Any]] = {}
+    for host in sorted(set(hosts) & (lbs | engines | set(members.get(MONITORING_GROUP, [])))):
+        address = hosts[host]["address"]
+        try:
+            ipaddress.ip_address(address)
+            address_san = f"IP:{address}"
+        except ValueError:
+            address_san = f"DNS:{address}"
+        sans = list(dict.fromkeys([f"DNS:{host}", address_san]))
+        linked[host] = {"common_name": host, "subject_alt_name": sans,
+                        "extended_key_usage": (["serverAuth", "clientAuth"] if host in engines else ["clientAuth"])}
+    return {
+        "enabled": on,
+        "ca_host": ca_host if on else None,
+        "scheme": "https" if on else "http",
+        "dir": LINK_TLS_DIR,
+        "ca_file": f"{LINK_TLS_DIR}/ca.crt",
+        "cert_file": f"{LINK_TLS_DIR}/link.pem",
+        "key_file": f"{LINK_TLS_DIR}/link.pem.key",
+        "hosts": linked if on else {},
+    }
+
+
 def fleet_model(plan: Optional[Mapping[str, Any]], hostvars: Mapping[str, Mapping[str, Any]],
                 groups: Mapping[str, Any], settings: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """The fleet model (module docstring) of ``plan`` on the inventory.
@@ -306,6 +365,8 @@ def fleet_model(plan: Optional[Mapping[str, Any]], hostvars: Mapping[str, Mappin
             "models": _edge.model_list(backends),
         },
         "monitoring": {"targets": monitoring_targets(hosts, members, replicas, dcgm_hosts)},
+        "logs": log_receivers(hosts, members),
+        "link_tls": link_tls(hosts, members, _truthy(settings.get("engine_tls"), True)),
         "plan": dict(plan),
     }
 
@@ -313,7 +374,8 @@ def fleet_model(plan: Optional[Mapping[str, Any]], hostvars: Mapping[str, Mappin
 # Settings of the load balancers' group that the model reads from its first host, and the
 # variables that carry them (the virtual IP: the first that is set).
 LB_SETTINGS = {"server_maxconn": ("haproxy_server_maxconn",), "model_endpoints": ("haproxy_model_endpoints",),
-               "vip": ("aphrodite_vip", "haproxy_virtual_ipaddress")}
+               "vip": ("aphrodite_vip", "haproxy_virtual_ipaddress", "keepalived_virtual_ipaddress"),
+               "engine_tls": ("aphrodite_engine_tls",)}
 
 
 def _lookup(variables: Any, key: str) -> Any:

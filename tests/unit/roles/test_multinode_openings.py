@@ -1,5 +1,6 @@
-"""Two nodes of three 24 GB GPUs: two single-GPU replicas of an 8B model and one replica of a
-70B AWQ model that fits neither node alone, so the planner runs it across both (TP 2 x PP 2);
+"""The operations scenario's two nodes of five L40S: two single-GPU replicas of an 8B model and one
+replica of the 70B model at its full context, which fits neither node alone, so the planner runs
+it across both (TP 4 x PP 2);
 the firewall opens its rendezvous only between those two nodes.  Through the planner and the
 fleet model as preflight computes them.
 """
@@ -23,14 +24,14 @@ FALLBACKS = yaml.safe_load((ROOT / "roles" / "firewall" / "vars" / "main.yml").r
 ADDRESSES = {"ops-lb1": "172.28.80.11", "ops-gpu1": "172.28.80.12", "ops-gpu2": "172.28.80.13"}
 SETTINGS = {"admin_networks": ["172.28.80.1/32"], "client_networks": ["0.0.0.0/0"], "ssh_port": 22,
             "engine_peer_ports": "32768-60999"}
-GPUS = {"count": 3, "name": "NVIDIA GeForce RTX 4090", "memory_mib": 24564, "interconnect": "pcie"}
+GPUS = {"count": 5, "name": "NVIDIA L40S", "memory_mib": 46068, "interconnect": "pcie"}
 MODELS = [
     {"id": "meta-llama/Llama-3.1-8B-Instruct", "config": str(ROOT / "inventories/lab/models/llama-3.1-8b-instruct/config.json"),
      "served_model_name": "llama-8b", "max_model_len": 8192, "replicas": 2, "tensor_parallel_size": 1},
-    # 37 GiB of weights and 10 GiB of KV cache: more than one node's usable GPUs hold.
-    {"id": "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4",
-     "config": str(ROOT / "tests/data/models/llama-3.1-70b-instruct-awq-int4/config.json"),
-     "served_model_name": "llama-70b", "max_model_len": 32768, "replicas": 1},
+    # 141 GB of weights and 40 GiB of KV cache: more than one node's four free GPUs hold.
+    {"id": "meta-llama/Llama-3.1-70B-Instruct",
+     "config": str(ROOT / "tests/data/models/llama-3.1-70b-instruct/config.json"),
+     "served_model_name": "llama-70b", "max_model_len": 131072, "replicas": 1},
 ]
 
 

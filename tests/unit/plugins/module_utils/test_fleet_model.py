@@ -242,6 +242,17 @@ def test_the_filter_takes_the_load_balancers_settings_from_the_first_one():
     assert fleet["replicas"][1]["endpoints"] == ["embeddings", "chat"]
 
 
+def test_the_vip_set_only_for_keepalived_is_the_fleets_vip():
+    """keepalived's own variable (documented beside aphrodite_vip) is a VIP too: verify and the
+    edge's wait for the VIP read it from the fleet model."""
+    from ansible_collections.aphrodite.baremetal.plugins.filter import fleet as fleet_filter
+
+    hostvars = copy.deepcopy(HOSTVARS)
+    for lb in GROUPS["loadbalancers"]:
+        hostvars[lb].update(keepalived_virtual_ipaddress="10.0.0.101")
+    assert fleet_filter.fleet_model(PLAN, hostvars, GROUPS)["loadbalancers"]["vip"] == "10.0.0.101"
+
+
 def test_monitoring_targets_use_the_models_addresses_and_ports():
     hostvars = copy.deepcopy(HOSTVARS)
     hostvars["gpu2"].update(monitoring_dcgm_enabled=False)
@@ -258,6 +269,23 @@ def test_monitoring_targets_use_the_models_addresses_and_ports():
     assert targets["alertmanager"] == [{"targets": ["10.0.0.21:9093"], "labels": {"instance": "mon1"}}]
 
 
+def test_logs_go_to_every_monitoring_host_signed_by_the_first_load_balancers_ca():
+    hostvars = copy.deepcopy(HOSTVARS)
+    hostvars["mon2"] = {"ansible_host": "fd00::22", "logs_remote_port": "19600"}
+    groups = {**GROUPS, "all": [*GROUPS["all"], "mon2"], "monitoring": ["mon1", "mon2"]}
+    logs = model(hostvars=hostvars, groups=groups)["logs"]
+    assert logs == {"ca_host": "lb2", "receivers": [
+        {"host": "mon1", "address": "10.0.0.21", "port": 19532, "url": "https://10.0.0.21:19532"},
+        {"host": "mon2", "address": "fd00::22", "port": 19600, "url": "https://[fd00::22]:19600"}]}
+    assert PORTS["journal_remote"] == 19532
+    assert "journal_remote" not in model()["hosts"]["gpu1"]["ports"]
+
+
+def test_logs_without_monitoring_or_load_balancers():
+    groups = {**GROUPS, "monitoring": [], "loadbalancers": []}
+    assert model(groups=groups)["logs"] == {"receivers": [], "ca_host": None}
+
+
 def test_the_plan_is_kept_unchanged():
     assert model()["plan"] == PLAN and model()["version"] == 1
 
@@ -270,7 +298,7 @@ def _role_defaults(role: str) -> dict:
 
 @pytest.mark.parametrize(("service", "variable"), sorted(PORT_VARIABLES.items()))
 def test_each_roles_port_default_is_the_models(service, variable):
-    role = "haproxy" if variable.startswith("haproxy_") else "monitoring"
+    role = variable.split("_", 1)[0] if variable.startswith(("haproxy_", "logs_")) else "monitoring"
     assert _role_defaults(role)[variable] == PORTS[service], (
         f"roles/{role}/defaults/main.yml sets {variable} to {_role_defaults(role)[variable]}, the fleet model "
         f"defaults {service} to {PORTS[service]} (_fleet_model.PORTS); make them equal")
@@ -305,3 +333,39 @@ def test_no_role_or_playbook_derives_an_address_again():
 def test_host_variables_cover_what_the_model_reads():
     assert set(_fleet_model.ADDRESS_VARIABLES) <= set(_fleet_model.HOST_VARIABLES)
     assert set(PORT_VARIABLES.values()) <= set(_fleet_model.HOST_VARIABLES)
+
+
+def test_the_engine_link_is_tls_by_default_with_a_certificate_subject_per_host():
+    link = model()["link_tls"]
+    assert link["enabled"] and link["scheme"] == "https"
+    assert link["ca_host"] == "lb2"  # the first load balancer keeps the edge CA
+    assert set(link["hosts"]) == {"lb1", "lb2", "mon1", "gpu1", "gpu2"}
+    # The private address the load balancers and Prometheus connect to is in the engine's certificate.
+    assert link["hosts"]["gpu2"] == {"common_name": "gpu2", "subject_alt_name": ["DNS:gpu2", "IP:192.168.1.2"],
+                                     "extended_key_usage": ["serverAuth", "clientAuth"]}
+    assert link["hosts"]["lb1"]["extended_key_usage"] == ["clientAuth"]
+    assert link["cert_file"] + ".key" == link["key_file"]
+
+
+def test_a_link_address_that_is_a_name_is_a_dns_name():
+    hostvars = copy.deepcopy(HOSTVARS)
+    hostvars["gpu1"]["ansible_host"] = "gpu1.lab.internal"
+    assert model(hostvars=hostvars)["link_tls"]["hosts"]["gpu1"]["subject_alt_name"] == ["DNS:gpu1", "DNS:gpu1.lab.internal"]
+
+
+@pytest.mark.parametrize("groups, settings", [
+    ({**GROUPS, "loadbalancers": []}, {}),  # no edge CA without load balancers
+    (GROUPS, {"engine_tls": False}),
+    (GROUPS, {"engine_tls": "no"}),
+])
+def test_the_engine_link_is_plain_http_when_switched_off_or_without_load_balancers(groups, settings):
+    link = model(groups=groups, **settings)["link_tls"]
+    assert not link["enabled"] and link["scheme"] == "http" and link["hosts"] == {}
+
+
+def test_the_filter_reads_the_engine_link_switch_from_the_first_load_balancer():
+    from ansible_collections.aphrodite.baremetal.plugins.filter import fleet as fleet_filter
+
+    hostvars = copy.deepcopy(HOSTVARS)
+    hostvars["lb2"]["aphrodite_engine_tls"] = False
+    assert fleet_filter.fleet_model(PLAN, hostvars, GROUPS)["link_tls"]["enabled"] is False
