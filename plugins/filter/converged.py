@@ -24,7 +24,27 @@ from ansible_collections.aphrodite.baremetal.plugins.module_utils._fingerprint i
 _COLLECTION_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _host_inputs(variables: Any) -> dict:
+def _plain(value: Any) -> Any:
+    """A copy of ``value`` with every nested template resolved now, inside the caller's try:
+    Ansible templates a variable's lists and dicts lazily, item by item, so a nested template
+    that cannot be resolved would otherwise fail later, in the digest, and end the run."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(value[key]) for key in value}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _raw(value: Any) -> Any:
+    """The inventory's own text of a value, templates unresolved (strings, lists and dicts only)."""
+    if isinstance(value, Mapping):
+        return {str(key): _raw(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_raw(item) for item in value]
+    return value if isinstance(value, (bool, int, float, type(None))) else str(value)
+
+
+def _host_inputs(variables: Any, raw: Any = None) -> dict:
     try:
         facts = variables["ansible_facts"] if "ansible_facts" in variables else {}
     except Exception:  # noqa: BLE001 - an unreadable fact cache entry is no input
@@ -35,9 +55,12 @@ def _host_inputs(variables: Any) -> dict:
         if not is_input_variable(name, facts):
             continue
         try:
-            value = variables[name]
-        except Exception as exc:  # noqa: BLE001 - templated out of any role: note what failed, stably
-            value = f"<unresolved {type(exc).__name__}: {exc}>"
+            value = _plain(variables[name])
+        except Exception as exc:  # noqa: BLE001 - templated out of any role or play
+            # A template that needs the play's context (hostvars, groups of another play):
+            # its text is the input, so an edit to it still counts, stably.
+            value = {"unresolved": type(exc).__name__,
+                     "template": _raw(raw[name]) if isinstance(raw, Mapping) and name in raw else None}
         if is_injected_fact(name, value, facts):
             continue
         picked[name] = value
@@ -56,7 +79,8 @@ def fleet_inputs(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) -> di
             variables = hostvars[host]
         except KeyError:
             continue
-        collected[str(host)] = _host_inputs(variables)
+        raw = hostvars.raw_get(host) if hasattr(hostvars, "raw_get") else None
+        collected[str(host)] = _host_inputs(variables, raw)
     return fingerprint_parts(collected, groups, plan, code_digest(_COLLECTION_ROOT))
 
 

@@ -180,6 +180,23 @@ def test_fingerprint_in_a_real_run(project: Path) -> None:
     assert fingerprint_of(project) != moved
 
 
+def test_a_nested_template_that_needs_the_play_counts_by_its_text(project: Path) -> None:
+    """A list of dicts whose string reads hostvars, as an Alertmanager receiver's URL does:
+    another host's variables are templated without hostvars, lazily, item by item.  The run
+    must not fail on it, the fingerprint must stay the same run to run, and an edit to the
+    template must change it."""
+    receivers = project / "inventory" / "group_vars" / "all" / "receivers.yml"
+    receivers.write_text(textwrap.dedent("""\
+        receivers:
+          - name: hook
+            url: "http://{{ hostvars[groups.loadbalancers[0]].inventory_hostname }}:9095/alerts"
+        """))
+    base = fingerprint_of(project)
+    assert fingerprint_of(project, run_id="2") == base
+    receivers.write_text(receivers.read_text().replace(":9095/", ":9096/"))
+    assert fingerprint_of(project) != base
+
+
 # --------------------------------------------------------------------------- contracts
 def _role_sources() -> list[Path]:
     files = []

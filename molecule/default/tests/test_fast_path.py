@@ -57,22 +57,25 @@ def test_a_converged_fleet_is_skipped_whole(first: dict) -> None:
 
 
 def test_drift_sends_only_its_hosts_through_every_task(first: dict) -> None:
-    lb, gpu = _host("mol-lb1"), _host("mol-gpu1")
+    """Two kinds of drift on one host, a stopped service and an edited file: that host runs
+    every task and is repaired, the others are skipped.  One host (the load balancer, the
+    quickest full run) is enough to show both, and the restore test runs it again."""
+    lb = _host("mol-lb1")
     with lb.sudo():
         lb.check_output("systemctl stop haproxy")
-    with gpu.sudo():
-        gpu.check_output(f"sh -c 'echo MaxFileSec=1day >> {JOURNALD_DROP_IN}'")
+        lb.check_output(f"sh -c 'echo MaxFileSec=1day >> {JOURNALD_DROP_IN}'")
 
     second = site()
     report = " ".join(second["report"])
-    assert second["report"][0].startswith("1 of 3 host(s) unchanged"), second["report"]
-    assert "mol-lb1 runs every task: haproxy: unit haproxy.service is inactive" in report
-    assert f"mol-gpu1 runs every task: common: {JOURNALD_DROP_IN} changed" in report
-    assert second["stats"]["mol-nfs1"]["changed"] == 0
-    assert second["stats"]["mol-lb1"]["changed"] > 0 and second["stats"]["mol-gpu1"]["changed"] > 0
+    assert second["report"][0].startswith("2 of 3 host(s) unchanged"), second["report"]
+    assert "mol-lb1 runs every task: " in report, report
+    assert "haproxy: unit haproxy.service is inactive" in report, report
+    assert f"common: {JOURNALD_DROP_IN} changed" in report, report
+    assert second["stats"]["mol-nfs1"]["changed"] == 0 and second["stats"]["mol-gpu1"]["changed"] == 0
+    assert second["stats"]["mol-lb1"]["changed"] > 0
     assert lb.service("haproxy").is_running
-    with gpu.sudo():
-        assert "MaxFileSec" not in gpu.file(JOURNALD_DROP_IN).content_string
+    with lb.sudo():
+        assert "MaxFileSec" not in lb.file(JOURNALD_DROP_IN).content_string
 
     third = site()
     assert third["report"][0].startswith("3 of 3 host(s) unchanged"), third["report"]
