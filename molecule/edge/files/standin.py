@@ -12,6 +12,10 @@ Serves what the edge routes to and what it must keep closed:
   ``usage`` (prompt, completion and total tokens) in every answer, and in a stream only with
   ``stream_options.include_usage``, as a last chunk with no choices (the engine's OpenAI server).
 
+With ``--ssl-certfile``/``--ssl-keyfile`` it serves TLS on every path, as the engine's uvicorn
+does; ``--ssl-cert-reqs 2`` (ssl.CERT_REQUIRED) then refuses a handshake without a client
+certificate of ``--ssl-ca-certs``.
+
 Every request is appended to ``/var/log/edge-standin/<port>.jsonl`` (path, method, whether
 the key matched; never a key) so tests can tell what reached an engine.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -136,10 +141,34 @@ def make_handler(config: dict, key: str, log_path: str, down_flag: str):
     return Handler
 
 
+class TLSServer(ThreadingHTTPServer):
+    """HTTPS, the handshake in each request's own thread: a failed one ends only its connection."""
+
+    context: ssl.SSLContext
+
+    def get_request(self):
+        conn, peer = self.socket.accept()
+        conn.settimeout(10)
+        return self.context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False), peer
+
+    def finish_request(self, request, client_address):
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            print(f"TLS handshake with {client_address[0]} failed: {exc}", flush=True)
+            return
+        request.settimeout(None)
+        super().finish_request(request, client_address)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="JSON: name, port, address, served_names")
     parser.add_argument("--key-file", required=True)
+    parser.add_argument("--ssl-certfile")
+    parser.add_argument("--ssl-keyfile")
+    parser.add_argument("--ssl-ca-certs")
+    parser.add_argument("--ssl-cert-reqs", type=int, default=int(ssl.CERT_NONE))
     args = parser.parse_args()
     with open(args.config, encoding="utf-8") as handle:
         config = json.load(handle)
@@ -149,7 +178,15 @@ def main() -> None:
     os.makedirs("/run/edge-standin", exist_ok=True)
     handler = make_handler(config, key, f"/var/log/edge-standin/{config['port']}.jsonl",
                            f"/run/edge-standin/{config['port']}.down")
-    server = ThreadingHTTPServer((config["address"], int(config["port"])), handler)
+    if args.ssl_certfile:
+        server = TLSServer((config["address"], int(config["port"])), handler)
+        server.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.context.load_cert_chain(args.ssl_certfile, args.ssl_keyfile)
+        server.context.verify_mode = ssl.VerifyMode(args.ssl_cert_reqs)
+        if args.ssl_ca_certs:
+            server.context.load_verify_locations(args.ssl_ca_certs)
+    else:
+        server = ThreadingHTTPServer((config["address"], int(config["port"])), handler)
     server.daemon_threads = True
     server.serve_forever()
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -240,3 +241,73 @@ def test_bad_multi_node_arguments_exit_2(standin_dir: Path, args: list) -> None:
     proc = subprocess.run([sys.executable, str(standin_dir / "standin.py"), "--model", "llama", *args],
                           capture_output=True, text=True, timeout=10, check=False)
     assert proc.returncode == 2, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def link_pki(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A CA, a server certificate for 127.0.0.1, a client certificate of that CA and one of another CA."""
+    folder = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
+
+    for ca in ("ca", "other"):
+        openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                "-subj", f"/CN={ca}", "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
+    for name, ca, ext in (("server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+                          ("client", "ca", "extendedKeyUsage=clientAuth\n"),
+                          ("stranger", "other", "extendedKeyUsage=clientAuth\n")):
+        (folder / f"{name}.ext").write_text(ext)
+        openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key", "-CAcreateserial",
+                "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+    return {name: str(folder / name) for name in ("ca", "server", "client", "stranger")}
+
+
+def _tls_get(port: int, pki: dict, client: str | None, path: str = "/health") -> int:
+    context = ssl.create_default_context(cafile=pki["ca"] + ".crt")
+    if client:
+        context.load_cert_chain(pki[client] + ".crt", pki[client] + ".key")
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_with_cert_reqs_2_only_a_client_of_the_ca_is_served_health_and_metrics_too(standin_dir: Path, link_pki: dict) -> None:
+    proc, port = _start(standin_dir, "--ssl-certfile", link_pki["server"] + ".crt", "--ssl-keyfile", link_pki["server"] + ".key",
+                        "--ssl-ca-certs", link_pki["ca"] + ".crt", "--ssl-cert-reqs", "2")
+    try:
+        assert _tls_get(port, link_pki, "client") == 200
+        assert _tls_get(port, link_pki, "client", "/metrics") == 200
+        for client in (None, "stranger"):
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                _tls_get(port, link_pki, client)
+        # Plain HTTP on the TLS port gets no HTTP answer.
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/health")
+            conn.getresponse()
+        # A handshake that never comes holds only its own connection.
+        with socket.create_connection(("127.0.0.1", port)):
+            assert _tls_get(port, link_pki, "client") == 200
+    finally:
+        _stop(proc)
+
+
+def test_without_cert_reqs_any_tls_client_is_served(standin_dir: Path, link_pki: dict) -> None:
+    proc, port = _start(standin_dir, "--ssl-certfile", link_pki["server"] + ".crt", "--ssl-keyfile", link_pki["server"] + ".key")
+    try:
+        assert _tls_get(port, link_pki, None) == 200
+    finally:
+        _stop(proc)
+
+
+def test_a_bad_cert_reqs_exits_2(standin_dir: Path, link_pki: dict) -> None:
+    proc = subprocess.run([sys.executable, str(standin_dir / "standin.py"), "--model", "llama", "--ssl-certfile",
+                           link_pki["server"] + ".crt", "--ssl-keyfile", link_pki["server"] + ".key", "--ssl-cert-reqs", "required"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "--ssl-cert-reqs" in proc.stderr
