@@ -12,6 +12,9 @@
 -- Only the structure is scanned (strings, nesting); numbers and literals are the
 -- engine's to refuse.
 
+-- lua-load's arguments: the route map and the key map (seed_usage, below).
+local script_args = table.pack(...)
+
 local function utf8_char(code)
   if code < 0x80 then
     return string.char(code)
@@ -214,6 +217,60 @@ local function label_value(text)
   return (string.gsub(tostring(text), '[\\"\n]', { ['\\'] = '\\\\', ['"'] = '\\"', ['\n'] = '\\n' }))
 end
 
+-- Every series the fleet can have for its key names and models starts at zero, before
+-- the first request: Prometheus takes the first value it scrapes of a series as where
+-- the series starts, so the requests before that scrape would never show in a rate(),
+-- and a latency histogram first seen after its traffic has no increase at all (its
+-- quantiles are NaN).  The models are the route map's (<endpoint>:<model> -> backend),
+-- the key names the key map's (hash -> role:rate:name:...); lua-load passes both paths.
+local function map_keys_and_values(path)
+  local pairs_read = {}
+  local file = path and io.open(path, 'r')
+  if not file then
+    return pairs_read
+  end
+  for line in file:lines() do
+    local key, value = string.match(line, '^%s*([^#%s]%S*)%s+(%S+)')
+    if key then
+      pairs_read[#pairs_read + 1] = { key, value }
+    end
+  end
+  file:close()
+  return pairs_read
+end
+
+local function new_latency_series()
+  local series = { buckets = {}, sum = 0, count = 0 }
+  for index = 1, #latency_buckets do
+    series.buckets[index] = 0
+  end
+  return series
+end
+
+local function seed_usage(routes_map, keys_map)
+  local models, names = {}, {}
+  for _, pair in ipairs(map_keys_and_values(routes_map)) do
+    local model = string.match(pair[1], '^[^:]*:(.+)$')
+    if model then
+      models[label_value(model)] = true
+    end
+  end
+  for _, pair in ipairs(map_keys_and_values(keys_map)) do
+    local name = string.match(pair[2], '^[^:]*:[^:]*:([^:]+)')
+    if name then
+      names[label_value(name)] = true
+    end
+  end
+  for model in pairs(models) do
+    usage.latency[model] = usage.latency[model] or new_latency_series()
+    for name in pairs(names) do
+      add(usage.requests, string.format('key="%s",model="%s",code="200"', name, model), 0)
+      add(usage.tokens, string.format('key="%s",model="%s",kind="prompt"', name, model), 0)
+      add(usage.tokens, string.format('key="%s",model="%s",kind="completion"', name, model), 0)
+    end
+  end
+end
+
 -- The last "usage" object of a response's tail: the engine's counts come last, after any
 -- generated text (which, being a JSON string, cannot hold an unescaped '"usage":').
 local function edge_usage_tokens(tail)
@@ -330,10 +387,7 @@ function Usage:end_analyze(txn, chn)
     local took = seconds(core.now()) - self.started
     local series = usage.latency[model]
     if not series then
-      series = { buckets = {}, sum = 0, count = 0 }
-      for index = 1, #latency_buckets do
-        series.buckets[index] = 0
-      end
+      series = new_latency_series()
       usage.latency[model] = series
     end
     for index, bound in ipairs(latency_buckets) do
@@ -403,6 +457,7 @@ local function edge_usage_metrics(applet)
 end
 
 if core then
+  seed_usage(script_args[1], script_args[2])
   core.register_converters('edge_model', edge_model)
   core.register_fetches('edge_month_left', edge_month_left)
   core.register_filter('edge_usage', Usage, function(instance) return instance end)
