@@ -472,6 +472,38 @@ def test_a_monthly_quota_is_exhausted_and_reset(tls, lab):
     assert call(tls, "GET", "/v1/models", key).status == 200
 
 
+def test_a_used_quota_survives_a_reload_and_a_restart_of_both_load_balancers(tls, lab):
+    key, limit = KEYS["quota"], 3
+    month = f"{_digest(key)}:{time.strftime('%Y%m', time.gmtime())}"
+    _clear(lab, "st_key_month", month)
+    try:
+        assert call(tls, "GET", "/v1/models", key).status == 200
+        # A reload: the old process hands its tables to the new one.
+        for name in LBS:
+            with lab[name].sudo():
+                lab[name].check_output("systemctl reload haproxy")
+        assert call(tls, "GET", "/v1/models", key).status == 200
+        # Both stopped at once, so that no peer holds the count while the other restarts:
+        # only what haproxy.service saved on stop can bring it back.
+        for name in LBS:
+            with lab[name].sudo():
+                lab[name].check_output("systemctl stop haproxy")
+        for name in LBS:
+            with lab[name].sudo():
+                state = lab[name].file("/var/lib/aphrodite-haproxy/counters.json")
+                assert (state.user, state.group, state.mode) == ("root", "root", 0o600)
+                lab[name].check_output("systemctl start haproxy")
+        assert wait_for(lambda: len(vip_holders(lab)) == 1 and _serves_through_vip(tls), 20, 0.5)
+        for name in LBS:
+            assert f"key={month} " in runtime_api(lab[name], f"show table st_key_month key {month}")
+        assert call(tls, "GET", "/v1/models", key).status == 200
+        over = call(tls, "GET", "/v1/models", key)
+        assert over.status == 429, f"the quota of {limit} was reset by the restart"
+        assert over.json()["error"]["param"] == "requests_per_month"
+    finally:
+        _clear(lab, "st_key_month", month)
+
+
 def test_hourly_and_daily_limits_name_themselves(tls, lab):
     key = KEYS["hourly"]
     hour = f"{_digest(key)}:{int(time.time()) // 3600}"
@@ -556,21 +588,37 @@ def test_a_keyless_flood_is_throttled_while_keyed_clients_are_served(tls, lab, a
 
 
 def test_a_connection_flood_is_cut_per_address(tls, lab):
+    """More new connections from one address than the limit within a minute: the next one is
+    cut.  HAProxy's conn_rate(1m) is a sliding estimate: the previous minute's count weighs
+    by what is left of the current one, so a flood that straddles the turn counts less
+    (limit + 10 in 6 s was once served).  So the flood is half again the limit, opened from
+    eight threads, and must take under 12 s: whatever the turn, more than the limit counts."""
     limit = SOURCE_LIMITS["connections_per_minute"]
     script = (
-        "import socket, ssl, sys\n"
-        "for _ in range(int(sys.argv[2])):\n"
-        "    try:\n"
-        "        socket.create_connection((sys.argv[1], 443), timeout=5).close()\n"
-        "    except OSError:\n"
-        "        pass\n"
+        "import json, socket, ssl, sys, threading, time\n"
+        "target, count, threads = sys.argv[1], int(sys.argv[2]), 8\n"
+        "failed = []\n"
+        "def flood(n):\n"
+        "    for _ in range(n):\n"
+        "        try:\n"
+        "            socket.create_connection((target, 443), timeout=5).close()\n"
+        "        except OSError:\n"
+        "            failed.append(1)\n"
+        "start = time.monotonic()\n"
+        "workers = [threading.Thread(target=flood, args=(count // threads + (i < count % threads),))"
+        " for i in range(threads)]\n"
+        "for w in workers: w.start()\n"
+        "for w in workers: w.join()\n"
+        "elapsed = time.monotonic() - start\n"
         "ctx = ssl._create_unverified_context()\n"
         "try:\n"
-        "    ctx.wrap_socket(socket.create_connection((sys.argv[1], 443), timeout=5)).close(); print('served')\n"
+        "    ctx.wrap_socket(socket.create_connection((target, 443), timeout=5)).close(); result = 'served'\n"
         "except OSError:\n"
-        "    print('cut')\n")
-    out = lab["edge-gpu2"].check_output(f"python3 -c {_quote(script)} {VIP} {limit + 10}")
-    assert out.strip() == "cut"
+        "    result = 'cut'\n"
+        "print(json.dumps({'result': result, 'seconds': round(elapsed, 1), 'failed': len(failed)}))\n")
+    out = json.loads(lab["edge-gpu2"].check_output(f"python3 -c {_quote(script)} {VIP} {limit + limit // 2}"))
+    assert out["seconds"] < 12, f"the flood took too long to say anything about a per-minute limit: {out}"
+    assert out["result"] == "cut", out
     # Another address is not affected.
     assert chat(tls).status == 200
 
@@ -720,9 +768,10 @@ def test_usage_per_key_name_is_exported(tls, addresses):
     assert call(tls, "GET", "/metrics/usage", KEYS["ops"]).status == 404
 
 
-def test_runtime_api_socket_is_root_only(lab):
+@pytest.mark.parametrize("path", ["/run/haproxy/admin.sock", "/run/haproxy/counters.sock"])
+def test_runtime_api_socket_is_root_only(lab, path):
     for name in LBS:
-        sock = lab[name].file("/run/haproxy/admin.sock")
+        sock = lab[name].file(path)
         assert sock.is_socket
         assert sock.mode == 0o600
         assert sock.user == "root"
@@ -1009,3 +1058,50 @@ def test_testssl_finds_nothing_medium_or_worse(lab, ca_file):
     bad = [f"{f['id']}: {f['severity']} {f['finding']}" for f in findings
            if f.get("severity") in ("MEDIUM", "HIGH", "CRITICAL")]
     assert bad == []
+
+
+# --------------------------------------------------------------------------- the engine link
+LINK = "/etc/aphrodite/link-tls"
+
+
+def _stranger_certificate(folder: str) -> tuple[str, str]:
+    """A client certificate of a CA that is not the edge's (self-signed)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-lb1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    paths = (os.path.join(folder, "stranger.crt"), os.path.join(folder, "stranger.key"))
+    Path(paths[0]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    Path(paths[1]).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    return paths
+
+
+def test_an_engine_serves_only_clients_with_a_certificate_of_the_edge_ca(lab, addresses, ca_file):
+    url = f"https://{addresses['edge-gpu1']}:8001/health"
+    curl = f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 5 --cacert {LINK}/ca.crt"
+    # A load balancer's own certificate of the link (what HAProxy presents): served, and the
+    # engine's certificate is valid for the address the load balancer connects to.
+    with lab["edge-lb1"].sudo():
+        assert lab["edge-lb1"].check_output(f"{curl} --cert {LINK}/link.pem --key {LINK}/link.pem.key {url}") == "200"
+        key = lab["edge-lb1"].file(f"{LINK}/link.pem.key")
+        assert (key.user, key.group, key.mode) == ("root", "root", 0o600)
+    # Another host of the private network without a certificate: the handshake is refused
+    # and no HTTP answer comes, in TLS or in plain HTTP.
+    for command in (f"{curl} {url}", f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 5 http://{addresses['edge-gpu1']}:8001/health"):
+        refused = lab["edge-gpu2"].run(command)
+        assert refused.rc != 0 and refused.stdout.strip() in ("", "000"), (command, refused.stdout, refused.stderr)
+    # A client certificate of another CA is refused too.
+    with tempfile.TemporaryDirectory() as folder:
+        context = ssl.create_default_context(cafile=ca_file)
+        context.load_cert_chain(*_stranger_certificate(folder))
+        conn = HTTPSConnection(addresses["edge-gpu1"], 8001, timeout=5, context=context)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            conn.request("GET", "/health")
+            conn.getresponse()
+        conn.close()

@@ -414,6 +414,14 @@ def test_the_confirmed_rule_set_and_dockers_return_after_a_reboot(fleet, address
             time.sleep(1)
         assert gpu1.check_output("systemctl is-active aphrodite-firewall") == "active"
     fetch = "python3 -c \"import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())\" "
-    assert fleet["fw-lb1"].check_output(fetch + f"http://{address}:2243/") == "published by docker"
+    # Docker writes the DNAT rule when it starts the container, a moment before the
+    # process inside listens: refused means "not up yet" (the firewall drops, it never
+    # refuses), so only that is waited on, for at most 30 s.
+    for _ in range(30):
+        answer = fleet["fw-lb1"].run(fetch + f"http://{address}:2243/")
+        if answer.rc == 0 or "Connection refused" not in answer.stderr:
+            break
+        time.sleep(1)
+    assert answer.rc == 0 and answer.stdout.strip() == "published by docker", answer.stderr[-500:]
     assert fleet["fw-probe"].run(fetch + f"http://{address}:2243/").rc != 0
     assert not connects(address, 2242)
