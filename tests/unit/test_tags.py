@@ -49,9 +49,9 @@ NAMESPACE = "aphrodite.baremetal."
 
 # The tag that selects each playbook of site.yml is its name, but preflight's is plan; the
 # plan and the fast path also run under every other tag, the record only in a complete run.
-STAGE_TAG = {"preflight": "plan", "fleet_model": "plan"}
+STAGE_TAG = {"preflight": "plan", "fleet_model": "plan", "link_tls": "engines"}
 EVERY_TAG = {"probe", "preflight", "fleet_model", "fast_path"}
-STAGES = ["plan", "common", "firewall", "gpu_hosts", "storage", "engines", "edge", "monitoring", "verify"]
+STAGES = ["plan", "common", "firewall", "gpu_hosts", "storage", "engines", "edge", "monitoring", "logs", "verify"]
 
 # Modules that only read (facts, checks, messages, flow).
 READS = {
