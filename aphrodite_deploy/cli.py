@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deploy(commands, common)
     _add_status(commands, common)
     _add_rolling(commands, common)
+    _add_backup(commands, common)
     _add_lab(commands)
     return parser
 
@@ -293,6 +294,48 @@ def _add_rolling(commands: Any, common: argparse.ArgumentParser) -> None:
     upgrade.set_defaults(handler=run_rolling, action="upgrade")
 
 
+def _add_backup(commands: Any, common: argparse.ArgumentParser) -> None:
+    backup = commands.add_parser(
+        "backup", parents=[common], formatter_class=_Formatter,
+        help="back up the edge PKI (encrypted), Prometheus and the model markers to the backup host",
+        description=(
+            "Run playbooks/backup.yml: the edge PKI of every load balancer (encrypted with gpg on the\n"
+            "host, with aphrodite_backup_passphrase from vault), a Prometheus TSDB snapshot of every\n"
+            "monitoring host and the staged models' markers, into a new root-only directory on the\n"
+            "backup host (the first NFS server by default); older runs beyond aphrodite_backup_keep\n"
+            "are removed. playbooks/restore.yml brings the edge CA back (README, On call)."),
+        epilog="examples:\n  aphrodite-deploy backup -i inventories/prod --vault-password-file ~/.vault-pass\n\n"
+               + EXIT_CODES + "\n" + SECRETS_HELP,
+    )
+    backup.set_defaults(handler=run_backup)
+
+
+def run_backup(args: argparse.Namespace, stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    out, err = _streams(stdout, stderr)
+    try:
+        result, log = _run_with_progress(args, err, "backup", "playbooks/backup.yml")
+    except (RunnerError, VaultError) as exc:
+        print(f"aphrodite-deploy backup: {exc}", file=err)
+        return EXIT_ERROR
+    if result.status == "canceled":
+        code, word = EXIT_INTERRUPTED, "interrupted"
+    elif not result.ok or log.failed_hosts() or log.unreachable_hosts():
+        code, word = EXIT_FAILED, "failed"
+    else:
+        code, word = EXIT_OK, "done"
+    if args.json:
+        json.dump({"command": "backup", "result": word, "exit_status": code,
+                   "runner": {"status": result.status, "rc": result.rc}, "hosts": log.host_recap(),
+                   "failures": [f.to_dict() for f in log.failures], "artifacts": str(result.artifact_dir)}, out, indent=2)
+        out.write("\n")
+        return code
+    out.write(_recap_table(log))
+    failures = _failure_lines(log)
+    out.write(("Failures:\n" + "\n".join(failures) + "\n") if failures else "")
+    out.write(f"backup {word} (artefacts: {result.artifact_dir})\n")
+    return code
+
+
 def _add_lab(commands: Any) -> None:
     lab_common = argparse.ArgumentParser(add_help=False)
     group = lab_common.add_argument_group("common options")
@@ -337,6 +380,18 @@ def _show_progress(args: argparse.Namespace, err: TextIO) -> tuple[bool, bool]:
     tty = bool(getattr(err, "isatty", lambda: False)())
     enabled = not getattr(args, "quiet", False) and (tty or not getattr(args, "json", False))
     return enabled, tty
+
+
+def _run_with_progress(args: argparse.Namespace, err: TextIO, command: str, playbook: str) -> tuple[Any, RunLog]:
+    """Run one of the project's playbooks with the run log and the progress display on ``err``;
+    RunnerError and VaultError reach the caller."""
+    stages = StageMap.from_playbook(find_project_dir(args.project_dir) / playbook)
+    log = RunLog(stages)
+    enabled, live = _show_progress(args, err)
+    progress = Progress(err, stages, live=live, enabled=enabled, title=command)
+    result = _run(args, command, playbook, [log, progress])
+    progress.close()
+    return result, log
 
 
 def _run(args: argparse.Namespace, command: str, playbook: str, handlers: list[Callable[[dict[str, Any]], Any]],
@@ -492,13 +547,7 @@ def run_status(args: argparse.Namespace, stdout: TextIO | None = None, stderr: T
 
     out, err = _streams(stdout, stderr)
     try:
-        project = find_project_dir(args.project_dir)
-        stages = StageMap.from_playbook(project / "playbooks" / "status.yml")
-        log = RunLog(stages)
-        enabled, live = _show_progress(args, err)
-        progress = Progress(err, stages, live=live, enabled=enabled, title="status")
-        result = _run(args, "status", "playbooks/status.yml", [log, progress])
-        progress.close()
+        result, log = _run_with_progress(args, err, "status", "playbooks/status.yml")
     except (RunnerError, VaultError) as exc:
         print(f"aphrodite-deploy status: {exc}", file=err)
         return EXIT_ERROR
