@@ -273,7 +273,8 @@ def ensure_key() -> Path:
     return key
 
 
-LAB_SECRETS = ("engine_api_key", "client_api_key", "admin_api_key", "verify_api_key", "vrrp_password")
+LAB_SECRETS = ("engine_api_key", "client_api_key", "admin_api_key", "verify_api_key", "vrrp_password",
+               "prometheus_password")
 
 
 def ensure_secrets() -> Path:

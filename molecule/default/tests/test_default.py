@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import socket
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -16,6 +19,8 @@ import testinfra
 CLIENT_KEY = "test-client-key-51c8e0f2a9d37b64"
 SERVED = "llama-8b"  # served_model_name: what clients ask for and the engine answers to
 MAX_NUM_SEQS = 64  # engine_args max-num-seqs
+PROMETHEUS_PASSWORD = "test-prometheus-password-8e2d5b7c1f"  # molecule.yml, group_vars monitoring
+LINK = "/etc/aphrodite/link-tls"  # the engine link's CA, certificate and key on every host of the link
 
 
 def _host(name: str):
@@ -86,7 +91,11 @@ def test_each_replica_serves_the_staged_model_with_its_devices(lb, gpu, nfs):
         exported = nfs.check_output(
             "sha256sum /srv/exports/models/meta-llama/Llama-3.1-8B-Instruct/config.json").split()[0]
     for port, device in ((2242, 0), (2243, 1)):
-        report = json.loads(lb.check_output(f"curl -sf http://{_address(gpu)}:{port}/lab/report"))
+        # Over the engine link's TLS, with the load balancer's certificate of the edge CA.
+        with lb.sudo():
+            report = json.loads(lb.check_output(
+                f"curl -sf --cacert {LINK}/ca.crt --cert {LINK}/link.pem --key {LINK}/link.pem.key "
+                f"https://{_address(gpu)}:{port}/lab/report"))
         assert report["cdi_devices"] == [device]
         assert report["model_config_sha256"] == exported
         assert report["served_model_names"] == [SERVED]
@@ -134,8 +143,28 @@ def test_the_edge_refuses_a_request_without_a_key(lb):
 
 
 def test_prometheus_scrapes_the_replicas(nfs):
-    url = f"http://{_address(nfs)}:9090/api/v1/targets"
-    targets = json.loads(nfs.check_output(f"curl -sf {url}"))["data"]["activeTargets"]
+    # From this machine (the admin network), with Prometheus' basic auth.
+    request = urllib.request.Request(f"http://{_address(nfs)}:9090/api/v1/targets")
+    request.add_header("Authorization", "Basic " + base64.b64encode(f"aphrodite:{PROMETHEUS_PASSWORD}".encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 (lab address)
+        targets = json.loads(response.read())["data"]["activeTargets"]
     engines = [t for t in targets if t["labels"].get("replica", "").startswith("llama-3-1-8b-")]
     assert sorted(t["labels"]["replica"] for t in engines) == ["llama-3-1-8b-0", "llama-3-1-8b-1"]
     assert all(t["health"] == "up" for t in engines), [(t["labels"]["replica"], t["lastError"]) for t in engines]
+    # Over the engine link's TLS: each engine requires Prometheus' client certificate.
+    assert all(t["scrapeUrl"].startswith("https://") for t in engines), [t["scrapeUrl"] for t in engines]
+
+
+def test_status_reaches_every_replica_over_the_engine_link():
+    # aphrodite-deploy status probes /health and /metrics from the load balancer, which the
+    # engines answer only over TLS with its certificate of the edge CA.
+    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+    proc = subprocess.run([sys.executable, "-m", "aphrodite_deploy", "status", "-i", os.environ["MOLECULE_INVENTORY_FILE"],
+                           "--json", "--quiet"], capture_output=True, text=True, cwd=project, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=project), check=False)
+    payload = json.loads(proc.stdout)
+    states = {r["name"]: r["state"] for r in payload["replicas"]}
+    assert proc.returncode == 0 and set(states.values()) == {"serving"}, (states, proc.stderr[-2000:])
+    for replica in payload["replicas"]:
+        assert {v["status"] for v in replica["health"].values()} == {200}
+        assert replica["metrics"]["requests_running"] is not None

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Test fixture of the monitoring scenario (never part of a role): a webhook receiver that
+"""Test fixture of molecule/default (never part of a role): a webhook receiver that
 records every notification Alertmanager delivers, and a TLS endpoint whose certificate the
 tests swap for one about to expire.
 

@@ -3,6 +3,7 @@ sockets, Docker on the GPU node, promtool on the monitoring host and the edge it
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import math
@@ -10,6 +11,7 @@ import os
 import re
 import ssl
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -20,10 +22,12 @@ from cryptography import x509
 ROOT = Path(__file__).resolve().parents[3]
 ROLE = ROOT / "roles" / "monitoring"
 DASHBOARDS = sorted((ROLE / "files" / "dashboards").glob("*.json"))
-# Matches molecule.yml; the key is a test value.
+# Matches molecule.yml (the key named probe; a test value) and the name the model is served as.
 API_KEY = "test-monitoring-key-3c9d1e7a5b2f4680"
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+MODEL = "llama-8b"
 TIMEOUT = 90
+# Prometheus' basic auth (molecule.yml, group_vars monitoring; a test value).
+PROMETHEUS_AUTH = ("aphrodite", "test-prometheus-password-8e2d5b7c1f")
 
 
 def _groups(host) -> list[str]:
@@ -45,8 +49,16 @@ def _host_of(host, group: str):
     return host.get_host(f"ansible://{names[0]}", ansible_inventory=host.backend.ansible_inventory)
 
 
-def _get(url: str, timeout: float = 10) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (lab addresses)
+def _request(url: str, auth: tuple[str, str] | None = None, method: str = "GET") -> urllib.request.Request:
+    """A request, with HTTP basic auth when ``auth`` (user, password) is given."""
+    request = urllib.request.Request(url, method=method)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    return request
+
+
+def _get(url: str, timeout: float = 10, auth: tuple[str, str] | None = None) -> dict:
+    with urllib.request.urlopen(_request(url, auth), timeout=timeout) as response:  # noqa: S310 (lab addresses)
         return json.loads(response.read())
 
 
@@ -56,13 +68,13 @@ def prometheus(host) -> str:
 
 
 def _query(prometheus: str, expr: str) -> list:
-    data = _get(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    data = _get(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr}), auth=PROMETHEUS_AUTH)
     assert data["status"] == "success", data
     return data["data"]["result"]
 
 
 def _targets(prometheus: str) -> list:
-    return _get(f"{prometheus}/api/v1/targets?state=active")["data"]["activeTargets"]
+    return _get(f"{prometheus}/api/v1/targets?state=active", auth=PROMETHEUS_AUTH)["data"]["activeTargets"]
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +145,8 @@ def test_every_target_is_up_and_every_host_engine_and_lb_is_scraped(host, promet
         by_job.setdefault(target["labels"]["job"], []).append(target["labels"])
     for job, group in (("node", "all"), ("dcgm", "gpu_nodes"), ("haproxy", "loadbalancers"),
                        ("tls", "loadbalancers"), ("alertmanager", "monitoring")):
-        assert sorted(t["instance"] for t in by_job[job]) == sorted(groups[group]), job
+        # A host of two groups (the NFS server that is also the monitoring host) is listed twice in "all".
+        assert sorted(t["instance"] for t in by_job[job]) == sorted(set(groups[group])), job
     engines = {t["replica"]: (t["model"], t["instance"].rsplit(":", 1)[1]) for t in by_job["aphrodite-engine"]}
     assert engines == engine_replicas
 
@@ -176,18 +189,28 @@ def _panel_queries() -> list:
     return queries
 
 
+# Rates of what the traffic fixture does not cause: it sends no failing request.
+_NO_TRAFFIC = ('code=~"4..|5.."',)
+
+
 @pytest.mark.parametrize("expr", _panel_queries())
 def test_dashboard_query_returns_data(host, prometheus, traffic, expr):
+    """Every panel has data; a rate (or a quantile of rates) the traffic moved is above zero.
+    A series Prometheus first sees after the traffic shows no increase: its rate is 0 and a
+    quantile of it NaN, which is what a panel would show for the first requests in production."""
     _monitoring_only(host)
     # Grafana's own variable: a window that holds several scrapes and reaches back to the
     # traffic (a histogram_quantile of rates without requests in the window is NaN).
     window = max(60, int(time.time() - traffic) + 30)
     promql = expr.replace("$__rate_interval", f"{window}s")
+    moved = "rate(" in expr and not any(marker in expr for marker in _NO_TRAFFIC)
 
     def check():
         result = _query(prometheus, promql)
         values = [float(r["value"][1]) for r in result]
         assert any(not math.isnan(v) for v in values), f"{promql} returned {result}"
+        if moved:
+            assert any(v > 0 for v in values), f"{promql} saw no traffic: {result}"
 
     _wait(check, timeout=60)
 
@@ -195,7 +218,7 @@ def test_dashboard_query_returns_data(host, prometheus, traffic, expr):
 # --------------------------------------------------------------------------- rules and alerts
 def test_prometheus_loaded_every_rule(host, prometheus):
     _monitoring_only(host)
-    groups = _get(f"{prometheus}/api/v1/rules")["data"]["groups"]
+    groups = _get(f"{prometheus}/api/v1/rules", auth=PROMETHEUS_AUTH)["data"]["groups"]
     rules = {rule["name"]: rule["health"] for group in groups for rule in group["rules"]}
     expected = set(re.findall(r"^\s+- alert: (\w+)$",
                               (ROLE / "templates/etc/prometheus/rules/aphrodite.rules.yml.j2").read_text(), re.M))
@@ -208,7 +231,7 @@ def test_prometheus_loaded_the_scenarios_alert_durations(host, prometheus):
     wait 15 s, the others keep the role's defaults (which promtool's unit tests pin,
     tests/unit/roles/test_monitoring_rules.py)."""
     _monitoring_only(host)
-    groups = _get(f"{prometheus}/api/v1/rules")["data"]["groups"]
+    groups = _get(f"{prometheus}/api/v1/rules", auth=PROMETHEUS_AUTH)["data"]["groups"]
     durations = {rule["name"]: rule.get("duration", 0) for group in groups for rule in group["rules"]}
     shortened = host.ansible.get_variables()["monitoring_alert_for"]
     for name in shortened:
@@ -221,7 +244,7 @@ def test_the_watchdog_alert_reaches_alertmanager(host):
     url = f"http://{_address(host)}:9093/api/v2/alerts"
 
     def check():
-        names = {alert["labels"]["alertname"] for alert in _get(url)}
+        names = {alert["labels"]["alertname"] for alert in _get(url, auth=PROMETHEUS_AUTH)}
         assert "AphroditeMonitoringWatchdog" in names, names
         return names
 
@@ -235,6 +258,42 @@ def test_alertmanager_configuration_is_closed_to_others(host):
     config = host.file("/etc/prometheus/alertmanager.yml")
     assert config.mode == 0o640
     assert (config.user, config.group) == ("root", "prometheus")
+
+
+def test_prometheus_and_alertmanager_answer_only_with_the_password(host, prometheus):
+    """From the admin network (this machine): no password, a wrong one or another user get
+    401 from Prometheus' UI, query API and admin API, and from Alertmanager's alerts and
+    silences (a silence mutes every alert); the right one is served."""
+    _monitoring_only(host)
+    alertmanager = f"http://{_address(host)}:9093"
+    for url, method in ((prometheus + "/graph", "GET"), (prometheus + "/api/v1/query?query=up", "GET"),
+                        (prometheus + "/api/v1/admin/tsdb/snapshot", "POST"), (prometheus + "/-/ready", "GET"),
+                        (alertmanager + "/api/v2/alerts", "GET"), (alertmanager + "/api/v2/silences", "POST"),
+                        (alertmanager + "/-/ready", "GET")):
+        for auth in (None, ("aphrodite", "wrong-password-but-16-chars"), ("admin", PROMETHEUS_AUTH[1])):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(_request(url, auth, method), timeout=10)  # noqa: S310 (lab address)
+            assert refused.value.code == 401, (url, auth and auth[0])
+    assert _get(f"{prometheus}/api/v1/query?query=up", auth=PROMETHEUS_AUTH)["status"] == "success"
+    assert isinstance(_get(f"{alertmanager}/api/v2/silences", auth=PROMETHEUS_AUTH), list)
+    # Prometheus sends the password from a file: its scrapes of itself and of Alertmanager are up.
+    assert _nonempty(_query(prometheus, 'up{job="prometheus"} == 1'))
+    assert _nonempty(_query(prometheus, 'up{job="alertmanager"} == 1'))
+
+
+def test_prometheus_keeps_only_a_hash_of_its_password(host):
+    _monitoring_only(host)
+    password = PROMETHEUS_AUTH[1]
+    with host.sudo():
+        web = host.file("/etc/prometheus/web.yml")
+        assert (web.user, web.group, web.mode) == ("root", "prometheus", 0o640)
+        assert password not in web.content_string
+        assert re.search(r"aphrodite: \$2b\$12\$[./A-Za-z0-9]{53}", web.content_string), web.content_string
+        clear = host.file("/etc/prometheus/web.password")
+        assert (clear.user, clear.group, clear.mode) == ("root", "prometheus", 0o640)
+        assert password not in host.file("/etc/prometheus/prometheus.yml").content_string
+        assert password not in host.check_output("ps -eo args")
+        assert password not in host.check_output("journalctl -q --no-pager -n 5000")
 
 
 def test_tls_probe_reports_the_certificate_the_edge_serves(host, prometheus):
@@ -257,7 +316,7 @@ def test_a_hung_replica_raises_its_alerts_and_comes_back(host, prometheus, engin
     replica = sorted(engine_replicas)[0]
 
     def alerts() -> dict:
-        found = _get(f"{prometheus}/api/v1/alerts")["data"]["alerts"]
+        found = _get(f"{prometheus}/api/v1/alerts", auth=PROMETHEUS_AUTH)["data"]["alerts"]
         return {(a["labels"]["alertname"], a["labels"].get("replica") or a["labels"].get("server")): a["state"]
                 for a in found}
 
