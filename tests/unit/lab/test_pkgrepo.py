@@ -170,6 +170,20 @@ def test_packaged_nvidia_smi_after_an_upgrade_without_reboot_reports_the_mismatc
     assert code == 0 and set(out.split()) == {"570.172.08"}
 
 
+def test_bind_mounted_nvidia_smi_replays_the_server_a_test_names(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Without the package: the default profile, or the recorded server replay.json names."""
+    monkeypatch.setattr(smi, "RECORDED", str(ROOT / "tests" / "fixtures" / "nvidia_smi"))
+    monkeypatch.setattr(smi, "LIBRARY", str(tmp_path / "no-package"))
+    monkeypatch.setattr(smi, "REPLAY", str(tmp_path / "replay.json"))
+    code, out = _smi(capsys, "--query-gpu=name", "--format=csv,noheader")
+    assert code == 0 and out.splitlines() == ["NVIDIA H100 80GB HBM3"] * 8
+    (tmp_path / "replay.json").write_text((ROOT / "lab" / "fixtures" / "gpu" / "hardware" / "l40s-pcie.json").read_text())
+    code, out = _smi(capsys, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits")
+    assert code == 0 and out.splitlines() == ["NVIDIA L40S, 46068"] * 5
+    code, out = _smi(capsys, "topo", "-m")
+    assert out == (ROOT / "tests" / "fixtures" / "nvidia_smi" / "pcie5_numa_id_topo.txt").read_text()
+
+
 def test_nvidia_ctk_adds_the_runtime_and_keeps_every_other_key(tmp_path: Path) -> None:
     config = tmp_path / "daemon.json"
     config.write_text(json.dumps({"labels": ["a=b"], "runtimes": {"other": {"path": "x"}}}))
