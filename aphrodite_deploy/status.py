@@ -83,6 +83,8 @@ class ReplicaStatus:
     address: str
     port: int
     backend: str = ""
+    # The name clients ask for (served_model_name); the table shows it, the id stays in model.
+    served_name: str = ""
     container: dict[str, Any] | None = None
     health: dict[str, dict[str, Any]] = field(default_factory=dict)
     lb: dict[str, dict[str, Any] | None] = field(default_factory=dict)
@@ -93,8 +95,9 @@ class ReplicaStatus:
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "head": self.head, "address": self.address, "port": self.port,
-                "backend": self.backend, "state": self.state, "problems": list(self.problems),
+        return {"name": self.name, "model": self.model, "served_name": self.served_name or self.model,
+                "head": self.head, "address": self.address, "port": self.port, "backend": self.backend,
+                "state": self.state, "problems": list(self.problems),
                 "container": self.container, "health": self.health, "load_balancers": self.lb,
                 "metrics": self.metrics, "ranks": self.ranks}
 
@@ -137,6 +140,7 @@ def build_status(log: RunLog) -> FleetStatus:
             if isinstance(server, dict) and isinstance(nodes, list) and len(nodes) > 1:
                 nodes_of[str(server.get("name"))] = [str(n) for n in nodes]
         models = value.get("models") or []
+        served = value.get("served") or []
         backends = value.get("backends") or []
         for index, server in enumerate(servers):
             if not isinstance(server, dict) or "name" not in server:
@@ -146,7 +150,8 @@ def build_status(log: RunLog) -> FleetStatus:
                 replicas[name] = ReplicaStatus(
                     name=name, model=str(models[index]) if index < len(models) else "",
                     head=str(server.get("host", "")), address=str(server.get("address", "")),
-                    port=int(server.get("port") or 0), backend=str(backends[index]) if index < len(backends) else "")
+                    port=int(server.get("port") or 0), backend=str(backends[index]) if index < len(backends) else "",
+                    served_name=str(served[index]) if index < len(served) else "")
         rows: list[dict[str, Any]] | None = None
         error = str(value.get("runtime_api_error") or "")
         text = value.get("runtime_api")
@@ -327,8 +332,8 @@ def render_status(status: FleetStatus) -> str:
     rows = [header]
     for r in status.replicas:
         metrics = r.metrics or {}
-        rows.append((r.name, r.model or "-", r.head or "-", str(r.port or "-"), r.state, _container_cell(r),
-                     _health_cell(r), _lb_cell(r), _number(metrics.get("requests_running")),
+        rows.append((r.name, r.served_name or r.model or "-", r.head or "-", str(r.port or "-"), r.state,
+                     _container_cell(r), _health_cell(r), _lb_cell(r), _number(metrics.get("requests_running")),
                      _number(metrics.get("requests_waiting")), _number(metrics.get("kv_cache_usage"), percent=True)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     numeric = {3, 8, 9, 10}

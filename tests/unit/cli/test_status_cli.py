@@ -92,6 +92,20 @@ def test_recorded_lab_run_as_json(monkeypatch):
     assert payload["exit_status"] == 0 and payload["command"] == "status"
 
 
+def test_the_table_names_the_model_as_clients_ask_for_it(monkeypatch):
+    """served_model_name in the table (what a client sends), the id beside it in --json."""
+    lb1, lb2 = (lb_report([200, 200], [row("llama-3-1-8b-0"), row("llama-3-1-8b-1")]) for _ in range(2))
+    for report in (lb1, lb2):
+        report["aphrodite_status_lb"]["served"] = ["llama-8b", "llama-8b"]
+    s = stream(lb1, lb2, containers("llama-3-1-8b-0"), containers("llama-3-1-8b-1"))
+    code, out, _ = run(s.events, monkeypatch)
+    assert code == cli.EXIT_OK
+    assert [line.split()[1] for line in out.splitlines()[1:3]] == ["llama-8b", "llama-8b"]
+    code, out, _ = run(s.events, monkeypatch, "--json")
+    first = json.loads(out)["replicas"][0]
+    assert (first["model"], first["served_name"]) == (MODEL, "llama-8b")
+
+
 def test_drained_and_unhealthy_replicas_exit_5_and_say_why(monkeypatch):
     lb1 = lb_report([200, -1], [row("llama-3-1-8b-0", "MAINT"), row("llama-3-1-8b-1", "DOWN", "L4CON")])
     lb2 = lb_report([200, -1], [row("llama-3-1-8b-0", "UP"), row("llama-3-1-8b-1", "DOWN", "L4CON")])
