@@ -13,7 +13,10 @@ up until the end so the cache is never stopped between two scenarios.
 
 Each scenario's output goes to tests/output/molecule/<scenario>.log and is printed whole
 when the scenario ends, so the CI log reads one scenario at a time.  The longest
-scenarios start first (by the last run's durations, kept in tests/output/molecule).
+scenarios start first (by the last passing run's durations, kept in tests/output/molecule).
+
+CI keeps only the end of its output, so the summary at the end repeats, for each failed
+scenario, the lines that say why: Ansible's fatal and failed results and pytest's failures.
 
 Usage: scripts/molecule_lanes.py [--lanes N] [SCENARIO ...]
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -35,9 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 LABCTL = [sys.executable, str(ROOT / "lab" / "labctl.py")]
 OUTPUT = ROOT / "tests" / "output" / "molecule"
 KEEPER = ("molecule-lanes", "172.28.99.0/24")
-# Seconds on an idle 2-core machine, for the order only: the longest start first.
-EXPECTED = {"default": 675, "gpu_hosts": 600, "edge": 440, "monitoring": 350,
-            "firewall": 300, "operations": 290, "storage": 250}
+# Seconds of each scenario in two lanes on 2 cores beside the checks (6 Dec 2026), for the
+# order only: the longest start first, as a fresh checkout keeps no durations of its own.
+EXPECTED = {"default": 1100, "edge": 966, "operations": 822, "gpu_hosts": 537, "firewall": 272,
+            "storage": 230}
 
 
 def scenarios() -> dict[str, str]:
@@ -94,6 +99,36 @@ def run_lanes(names: list[str], lanes: int) -> dict[str, tuple[int, float]]:
     return results
 
 
+# Lines that say why a scenario failed: Ansible's failed results (with the lines of their
+# message after them) and pytest's summary lines.
+RESULT = ("fatal: [", "failed: [")
+SUMMARY = ("FAILED ", "ERROR ", "E   ", "CRITICAL ")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def why_failed(log: Path, limit: int = 40, width: int = 300, follow: int = 8) -> list[str]:
+    """The last `limit` lines of a scenario's log that say why it failed, each cut to `width`:
+    every failed Ansible result with the `follow` lines of its message, and pytest's failures.
+    Molecule frames Ansible's output (colours, a bar); the frame is taken off."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return []
+    lines = [ANSI.sub("", line).lstrip(" \u2502").rstrip() for line in text.splitlines()]
+    found: list[str] = []
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        if line.startswith(RESULT):
+            found.extend(lines[index:index + 1 + follow])
+            index += 1 + follow
+            continue
+        if line.startswith(SUMMARY):
+            found.append(line)
+        index += 1
+    return [line[:width] for line in found][-limit:]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lanes", type=int, default=int(os.environ.get("MOLECULE_LANES", "2")))
@@ -120,13 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.monotonic() - begin
 
     OUTPUT.mkdir(parents=True, exist_ok=True)
-    durations_file.write_text(json.dumps({n: round(t) for n, (_, t) in results.items()}, indent=1) + "\n")
+    # Kept for the next run's order: a scenario that failed stopped early, and one not run
+    # this time keeps its last duration.
+    kept = {**(last if isinstance(last, dict) else {}), **{n: round(t) for n, (rc, t) in results.items() if rc == 0}}
+    durations_file.write_text(json.dumps({n: kept[n] for n in sorted(kept) if n in found}, indent=1) + "\n")
     print(f"\nmolecule_lanes: {len(results)} scenarios in {args.lanes} lanes, {wall:.0f} s wall "
           f"({sum(t for _, t in results.values()):.0f} s of scenario time)")
     for name in order:
         rc, took = results.get(name, (None, 0.0))
         state = "not run" if rc is None else ("passed" if rc == 0 else f"FAILED rc {rc}")
         print(f"  {name:12} {took:6.0f} s  {state}")
+    for name in order:
+        if results.get(name, (0, 0))[0] not in (0, None):
+            print(f"\nmolecule_lanes: why {name} failed (tests/output/molecule/{name}.log):")
+            for line in why_failed(OUTPUT / f"{name}.log"):
+                print(f"  | {line}")
     return 0 if all(results.get(n, (1, 0))[0] == 0 for n in order) else 1
 
 

@@ -23,7 +23,7 @@ def _docker(*args: str) -> str:
 
 
 def test_up_reaches_the_host_over_ssh_and_down_leaves_nothing() -> None:
-    up = subprocess.run([*LABCTL, "up", "--json", "--lab", LAB, "--subnet", "172.28.99.0/24",
+    up = subprocess.run([*LABCTL, "up", "--json", "--lab", LAB, "--subnet", "172.28.97.0/24",
                          "--host", "lc-host1:nfs_servers"], capture_output=True, text=True, timeout=600)
     assert up.returncode == 0, up.stderr
     info = json.loads(up.stdout)
@@ -31,7 +31,7 @@ def test_up_reaches_the_host_over_ssh_and_down_leaves_nothing() -> None:
     assert json.loads(labels) == {"io.aphrodite.lab": LAB}
     try:
         host = info["hosts"][0]
-        assert host["address"] == "172.28.99.11"
+        assert host["address"] == "172.28.97.11"
         # Like a server: key-only SSH as the admin user, host key checked strictly.
         ssh = subprocess.run(
             ["ssh", "-i", info["ssh_key"], "-o", f"UserKnownHostsFile={info['known_hosts']}",
