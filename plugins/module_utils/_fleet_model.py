@@ -17,8 +17,9 @@ one place, instead of in every role's Jinja:
   backends and route map and the fleet's ``GET /v1/models`` answer (from ``_edge``);
 - ``monitoring``: Prometheus' scrape targets per job;
 - ``logs``: where every host's journal goes (``receivers``: each monitoring host's
-  systemd-journal-remote URL) and which host holds the fleet CA that signs the log
-  certificates (``ca_host``: the first load balancer, whose edge CA the haproxy role makes);
+  systemd-journal-remote URL), which host holds the fleet CA that signs the log
+  certificates (``ca_host``: the first load balancer, whose edge CA the haproxy role makes)
+  and the names in each host's log certificate (``subject_alt_name``);
 - ``link_tls``: the engine link's TLS (load balancers and Prometheus to each engine,
   :func:`link_tls`): on or off, where every host keeps its files, and the subject of each
   host's certificate from the edge CA;
@@ -259,14 +260,27 @@ def monitoring_targets(hosts: Mapping[str, Mapping[str, Any]], members: Mapping[
     }
 
 
+def subject_alt_name(host: str, address: str) -> List[str]:
+    """A host's certificate names: its inventory name, and its private address as an IP
+    address, or as a DNS name where the inventory gives a name instead of an address."""
+    try:
+        ipaddress.ip_address(address)
+        address_san = f"IP:{address}"
+    except ValueError:
+        address_san = f"DNS:{address}"
+    return list(dict.fromkeys([f"DNS:{host}", address_san]))
+
+
 def log_receivers(hosts: Mapping[str, Mapping[str, Any]], members: Mapping[str, Sequence[str]]) -> Dict[str, Any]:
-    """Where journals go: every monitoring host's systemd-journal-remote (HTTPS), and the host
-    of the fleet CA (the first load balancer; ``None`` without one) that signs both ends."""
+    """Where journals go: every monitoring host's systemd-journal-remote (HTTPS), the host
+    of the fleet CA (the first load balancer; ``None`` without one) that signs both ends,
+    and the names in each host's log certificate (``subject_alt_name``; none without receivers)."""
     receivers = [{"host": h, "address": hosts[h]["address"], "port": hosts[h]["ports"]["journal_remote"],
                   "url": f"https://{hosts[h]['url_host']}:{hosts[h]['ports']['journal_remote']}"}
                  for h in members.get(MONITORING_GROUP, []) if h in hosts and "journal_remote" in hosts[h]["ports"]]
     ca_hosts = [h for h in members.get(LB_GROUP, []) if h in hosts]
-    return {"receivers": receivers, "ca_host": ca_hosts[0] if ca_hosts else None}
+    names = {h: subject_alt_name(h, hosts[h]["address"]) for h in sorted(hosts)} if receivers else {}
+    return {"receivers": receivers, "ca_host": ca_hosts[0] if ca_hosts else None, "subject_alt_name": names}
 
 
 def link_tls(hosts: Mapping[str, Mapping[str, Any]], members: Mapping[str, Sequence[str]], enabled: bool) -> Dict[str, Any]:
@@ -285,14 +299,7 @@ def link_tls(hosts: Mapping[str, Mapping[str, Any]], members: Mapping[str, Seque
     on = enabled and bool(lbs & set(hosts))
     linked: Dict[str, Dict[str, Any]] = {}
     for host in sorted(set(hosts) & (lbs | engines | set(members.get(MONITORING_GROUP, [])))):
-        address = hosts[host]["address"]
-        try:
-            ipaddress.ip_address(address)
-            address_san = f"IP:{address}"
-        except ValueError:
-            address_san = f"DNS:{address}"
-        sans = list(dict.fromkeys([f"DNS:{host}", address_san]))
-        linked[host] = {"common_name": host, "subject_alt_name": sans,
+        linked[host] = {"common_name": host, "subject_alt_name": subject_alt_name(host, hosts[host]["address"]),
                         "extended_key_usage": (["serverAuth", "clientAuth"] if host in engines else ["clientAuth"])}
     return {
         "enabled": on,

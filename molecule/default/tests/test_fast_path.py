@@ -19,6 +19,8 @@ import testinfra
 
 HOSTS = ("mol-lb1", "mol-nfs1", "mol-gpu1")
 JOURNALD_DROP_IN = "/etc/systemd/journald.conf.d/50-aphrodite.conf"
+GONE_UPLOADER = "aphrodite-journal-upload@mol-gone.service"
+GONE_UPLOADER_ENV = "/etc/aphrodite/logs/upload-mol-gone.env"
 
 
 def _host(name: str):
@@ -64,6 +66,10 @@ def test_drift_sends_only_its_hosts_through_every_task(first: dict) -> None:
     with lb.sudo():
         lb.check_output("systemctl stop haproxy")
         lb.check_output(f"sh -c 'echo MaxFileSec=1day >> {JOURNALD_DROP_IN}'")
+        # An uploader left from a monitoring host that has left the inventory: a run
+        # through the logs role retires it.
+        lb.check_output(f"sh -c 'echo URL=https://127.0.0.1:9 > {GONE_UPLOADER_ENV}'")
+        lb.check_output(f"systemctl start {GONE_UPLOADER}")
 
     second = site()
     report = " ".join(second["report"])
@@ -76,6 +82,8 @@ def test_drift_sends_only_its_hosts_through_every_task(first: dict) -> None:
     assert lb.service("haproxy").is_running
     with lb.sudo():
         assert "MaxFileSec" not in lb.file(JOURNALD_DROP_IN).content_string
+        assert not lb.file(GONE_UPLOADER_ENV).exists
+    assert not lb.service(GONE_UPLOADER).is_running and not lb.service(GONE_UPLOADER).is_enabled
 
     third = site()
     assert third["report"][0].startswith("3 of 3 host(s) unchanged"), third["report"]

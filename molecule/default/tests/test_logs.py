@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 REMOTE = "/var/log/journal/remote"
+CERT = "/etc/aphrodite/logs/host.crt"
 API_KEY = "test-monitoring-key-3c9d1e7a5b2f4680"  # molecule.yml, the key named probe; a test value
 ARRIVAL = 30  # seconds within which a line must be searchable on the monitoring host
 
@@ -165,3 +166,23 @@ def test_retention_is_configured_and_enforced(monitoring):
         # journal-remote read every key (an older systemd would name the ones it does not know).
         remote_log = monitoring.check_output("journalctl --no-pager -o cat -u systemd-journal-remote.service")
         assert "Unknown key" not in remote_log, remote_log
+
+
+def test_a_certificate_due_for_renewal_sends_its_host_through_the_role(monitoring):
+    """The fast path's record holds openssl's answer for each host's log certificate at the
+    renewal margin (logs_renew_days, 30, less a day): now "will not expire", and once the
+    certificate comes within it the answer changes, so the host runs the role, which signs
+    it again.  Shown on a copy, since the clock cannot be moved."""
+    margin = (30 - 1) * 86400
+    command = f"openssl x509 -noout -in {CERT} -checkend {margin}"
+    for node in _all_hosts(monitoring):
+        with node.sudo():
+            record = json.loads(node.file("/var/lib/aphrodite/converged.json").content_string)
+            recorded = record["snapshot"]["logs"]["commands"]
+            assert list(recorded) == [command], (node.backend.host, recorded)
+            assert recorded[command].startswith("rc=0 "), (node.backend.host, recorded)
+            assert node.run(command).rc == 0
+            # The same question past the certificate's end (397 days): the answer a host due
+            # for renewal gives, which differs from the record.
+            due = node.run(f"openssl x509 -noout -in {CERT} -checkend {398 * 86400}")
+            assert due.rc == 1 and "will expire" in due.stdout, node.backend.host

@@ -17,6 +17,7 @@ from ansible_collections.aphrodite.baremetal.plugins.module_utils._fleet_model i
     fleet_model,
     host_address,
     lora_names,
+    subject_alt_name,
     url_host,
 )
 
@@ -274,16 +275,32 @@ def test_logs_go_to_every_monitoring_host_signed_by_the_first_load_balancers_ca(
     hostvars["mon2"] = {"ansible_host": "fd00::22", "logs_remote_port": "19600"}
     groups = {**GROUPS, "all": [*GROUPS["all"], "mon2"], "monitoring": ["mon1", "mon2"]}
     logs = model(hostvars=hostvars, groups=groups)["logs"]
-    assert logs == {"ca_host": "lb2", "receivers": [
+    assert {k: v for k, v in logs.items() if k != "subject_alt_name"} == {"ca_host": "lb2", "receivers": [
         {"host": "mon1", "address": "10.0.0.21", "port": 19532, "url": "https://10.0.0.21:19532"},
         {"host": "mon2", "address": "fd00::22", "port": 19600, "url": "https://[fd00::22]:19600"}]}
+    # Every host's log certificate names it and its address, an IP address as one.
+    assert set(logs["subject_alt_name"]) == set(groups["all"])
+    assert logs["subject_alt_name"]["mon2"] == ["DNS:mon2", "IP:fd00::22"]
+    assert logs["subject_alt_name"]["mon1"] == ["DNS:mon1", "IP:10.0.0.21"]
+
+
+@pytest.mark.parametrize(("address", "names"), [
+    ("10.0.0.5", ["DNS:db", "IP:10.0.0.5"]),
+    ("fd00::5", ["DNS:db", "IP:fd00::5"]),
+    # Names that look like hex digits or a short dotted number are names, not addresses.
+    ("cafe", ["DNS:db", "DNS:cafe"]),
+    ("1.2", ["DNS:db", "DNS:1.2"]),
+    ("db", ["DNS:db"]),
+])
+def test_certificate_names_tell_addresses_from_names(address, names):
+    assert subject_alt_name("db", address) == names
     assert PORTS["journal_remote"] == 19532
     assert "journal_remote" not in model()["hosts"]["gpu1"]["ports"]
 
 
 def test_logs_without_monitoring_or_load_balancers():
     groups = {**GROUPS, "monitoring": [], "loadbalancers": []}
-    assert model(groups=groups)["logs"] == {"receivers": [], "ca_host": None}
+    assert model(groups=groups)["logs"] == {"receivers": [], "ca_host": None, "subject_alt_name": {}}
 
 
 def test_the_plan_is_kept_unchanged():
