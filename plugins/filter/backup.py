@@ -19,10 +19,10 @@ def backup_plan(fleet: Any, settings: Any = None, run: Any = None) -> dict:
         raise AnsibleFilterError(str(exc)) from None
 
 
-def backup_prune(names: Any, keep: Any) -> list:
+def backup_prune(names: Any, keep: Any, current: Any = None) -> list:
     """The runs retention removes; see backup_prune.yml."""
     try:
-        return _backup.prune(list(names or []), keep)
+        return _backup.prune(list(names or []), keep, current)
     except _backup.BackupError as exc:
         raise AnsibleFilterError(str(exc)) from None
 

@@ -13,7 +13,9 @@ backup settings, so the playbooks never work out a host, a directory or a file n
   the model markers of every NFS server.  Each names its host, kind, file and ``secret``.
 
 :func:`prune` chooses the runs that retention removes; only names that look like a run's
-stamp are ever chosen, so nothing else in the directory is touched.
+stamp (or a failed run's ``<stamp>.partial``) are ever chosen, so nothing else in the
+directory is touched.  A run counts once complete: it is written as ``<stamp>.partial``
+and renamed to its stamp after its manifest.
 
 Pure Python: no Ansible imports.
 """
@@ -27,6 +29,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 STAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 STAMP_PATTERN = re.compile(r"^\d{8}T\d{6}Z$")
+# A run is written under this suffix and renamed to its stamp once its manifest is there,
+# so a run that failed half way is never counted, kept or restored from.
+PARTIAL_SUFFIX = ".partial"
+PARTIAL_PATTERN = re.compile(r"^\d{8}T\d{6}Z\.partial$")
 DEFAULT_DIR = "/var/backups/aphrodite"
 DEFAULT_KEEP = 7
 # Group of the hosts each kind comes from, in the order the items are listed.
@@ -102,18 +108,22 @@ def backup_plan(fleet: Mapping[str, Any], settings: Optional[Mapping[str, Any]] 
              for kind, group in kinds for member in _members(fleet, group)]
     return {
         "destination": {"host": host, "address": hosts[host]["address"], "dir": directory,
-                        "run": run, "path": f"{directory}/{run}", "keep": _keep(settings.get("keep", DEFAULT_KEEP))},
+                        "run": run, "path": f"{directory}/{run}", "partial": f"{directory}/{run}{PARTIAL_SUFFIX}",
+                        "keep": _keep(settings.get("keep", DEFAULT_KEEP))},
         "items": items,
         "sources": sorted({i["host"] for i in items}),
     }
 
 
-def prune(names: Sequence[Any], keep: Any) -> List[str]:
-    """The runs among ``names`` (a directory's entries) that retention removes: all but the
-    ``keep`` newest, and only names that are run stamps."""
-    runs = sorted({str(n) for n in names if STAMP_PATTERN.match(str(n))})
+def prune(names: Sequence[Any], keep: Any, current: Any = None) -> List[str]:
+    """What retention removes among ``names`` (a directory's entries): every complete run but
+    the ``keep`` newest, and what failed runs left (``<stamp>.partial``) except the run
+    ``current`` (a stamp) itself.  Only such names are ever chosen."""
+    entries = {str(n) for n in names}
+    runs = sorted(n for n in entries if STAMP_PATTERN.match(n))
     count = _keep(keep)
-    return runs[:-count] if len(runs) > count else []
+    left = sorted(n for n in entries if PARTIAL_PATTERN.match(n) and n != f"{current}{PARTIAL_SUFFIX}")
+    return (runs[:-count] if len(runs) > count else []) + left
 
 
 def latest(names: Sequence[Any], wanted: Any = None) -> str:

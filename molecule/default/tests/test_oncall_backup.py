@@ -25,6 +25,7 @@ import testinfra
 BACKUP_DIR = "/var/backups/aphrodite"
 PASSPHRASE = "test-backup-passphrase-3f9a61c2d8"  # molecule.yml, group_vars all
 OLD_RUNS = ("20200101T000000Z", "20200102T000000Z")
+FAILED_RUN = "20200103T000000Z.partial"
 PKI = "/etc/haproxy/pki"
 
 
@@ -69,10 +70,12 @@ def lb():
 
 @pytest.fixture(scope="module")
 def run(nfs) -> str:
-    """One backup run, keeping 2, with two older runs and an unrelated directory already there."""
+    """One backup run, keeping 2, with two older runs, what a failed run left and an unrelated
+    directory already there."""
     with nfs.sudo():
         nfs.check_output(f"rm -rf {BACKUP_DIR}")  # a rerun on live instances starts from the same state
-        nfs.check_output(f"install -d -m 0700 {BACKUP_DIR} " + " ".join(f"{BACKUP_DIR}/{n}" for n in OLD_RUNS + ("notes",)))
+        nfs.check_output(f"install -d -m 0700 {BACKUP_DIR} "
+                         + " ".join(f"{BACKUP_DIR}/{n}" for n in OLD_RUNS + (FAILED_RUN, "notes")))
     proc = _playbook("playbooks/backup.yml", "-e", "aphrodite_backup_keep=2")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert PASSPHRASE not in proc.stdout + proc.stderr
@@ -94,6 +97,7 @@ def test_backup_without_passphrase_stops_naming_the_variable(nfs) -> None:
 
 def test_a_run_is_root_only_and_retention_keeps_the_newest(nfs, run) -> None:
     with nfs.sudo():
+        # The failed run's leftover went; it never counted among the runs kept.
         assert sorted(nfs.check_output(f"ls {BACKUP_DIR}").split()) == [OLD_RUNS[1], run, "notes"]
         for path in (BACKUP_DIR, f"{BACKUP_DIR}/{run}"):
             directory = nfs.file(path)
@@ -148,6 +152,15 @@ def test_restore_and_deploy_bring_back_the_same_ca_and_chain(lb, run) -> None:
         old_key = lb.file(f"{PKI}/ca/ca.key").sha256sum
         old_leaf = lb.file(f"{PKI}/edge.pem").content_string
         lb.check_output(f"rm -rf {PKI}")  # the first load balancer's PKI lost whole
+
+    # Another passphrase: refused with the fix named, nothing put in place.
+    wrong = _playbook("playbooks/restore.yml", "-e", "aphrodite_backup_passphrase=not-the-passphrase-0000")
+    assert wrong.returncode != 0
+    said = " ".join(wrong.stdout.split())
+    assert "could not be decrypted" in said and "aphrodite_backup_passphrase" in said, wrong.stdout[-3000:]
+    assert "not-the-passphrase-0000" not in wrong.stdout + wrong.stderr
+    with lb.sudo():
+        assert not lb.file(f"{PKI}/ca/ca.key").exists
 
     restore = _playbook("playbooks/restore.yml")
     assert restore.returncode == 0, restore.stdout[-4000:] + restore.stderr[-2000:]

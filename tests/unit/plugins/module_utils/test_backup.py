@@ -31,7 +31,8 @@ def _fleet(groups=None) -> dict:
 def test_default_plan_backs_up_every_source_to_the_first_nfs_server() -> None:
     plan = backup_plan(_fleet(), {}, RUN)
     assert plan["destination"] == {"host": "nfs1", "address": "10.0.0.5", "dir": "/var/backups/aphrodite",
-                                   "run": RUN, "path": f"/var/backups/aphrodite/{RUN}", "keep": 7}
+                                   "run": RUN, "path": f"/var/backups/aphrodite/{RUN}",
+                                   "partial": f"/var/backups/aphrodite/{RUN}.partial", "keep": 7}
     assert [(i["kind"], i["host"], i["file"], i["secret"]) for i in plan["items"]] == [
         ("edge", "lb2", "edge-lb2.tar.gpg", True),          # load balancers in inventory order
         ("edge", "lb1", "edge-lb1.tar.gpg", True),
@@ -94,6 +95,17 @@ def test_a_run_is_a_sortable_utc_stamp() -> None:
 ])
 def test_retention_removes_the_oldest_runs_only(names, keep, removed) -> None:
     assert prune(names, keep) == removed
+
+
+def test_failed_runs_count_for_nothing_and_their_leftovers_go() -> None:
+    """Six failed runs and one good one with keep 7: every complete run stays, the failed
+    runs' partial directories go, the run being written stays, and a restore never picks
+    a partial run."""
+    complete = [f"2026120{d}T000000Z" for d in range(1, 4)]
+    partial = [f"2026120{d}T000000Z.partial" for d in range(4, 10)]
+    assert prune(complete + partial, 7, "20261209T000000Z") == partial[:-1]
+    assert prune(complete + partial, 2) == complete[:1] + partial
+    assert latest(complete + partial) == "20261203T000000Z"
 
 
 def test_restore_reads_the_newest_run_or_the_one_named() -> None:
