@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
 TOOL = ROOT / "roles/haproxy/files/usr/local/libexec/aphrodite-haproxy-tables"
@@ -70,10 +71,15 @@ def sockets(tmp_path):
     counters.shutdown()
 
 
-def tool(tmp_path, action, *tables):
+# 2026-12-06 12:00:00 UTC: December's month window; the listing also holds November's.
+NOW = 1796558400
+
+
+def tool(tmp_path, action, *tables, now=NOW):
     argv = [sys.executable, str(TOOL), action, "--runtime-api", str(tmp_path / "admin.sock"),
-            "--restore-socket", str(tmp_path / "counters.sock"), "--state-file", str(tmp_path / "state/counters.json")]
-    for table in tables or ("st_api_keys", "st_key_month"):
+            "--restore-socket", str(tmp_path / "counters.sock"), "--state-file", str(tmp_path / "state/counters.json"),
+            "--now", str(now)]
+    for table in tables or ("st_api_keys:60", "st_key_month"):
         argv += ["--table", table]
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
 
@@ -104,10 +110,51 @@ def test_restore_hands_each_saved_counter_to_haproxy(tmp_path, sockets):
     assert sorted(sockets[1].requests) == [("st_key_month", "AB12:202612", "3"), ("st_key_month", "EF56:202611", "17")]
 
 
+def test_only_the_current_window_is_saved_and_restored(tmp_path, sockets):
+    """Keys end with their window's id, as haproxy.cfg makes it: last month's count can
+    refuse nothing and would never leave a table without expiry."""
+    assert tool(tmp_path, "save", "st_api_keys:60", "st_key_month:month").returncode == 0
+    assert json.loads((tmp_path / "state/counters.json").read_text())["st_key_month"] == {"AB12:202612": 3}
+    (tmp_path / "state/counters.json").write_text(json.dumps({
+        "st_key_month": {"AB12:202612": 3, "EF56:202611": 17},
+        "st_api_keys": {"AB12:29942640": 5, "AB12:29942639": 9}}))  # NOW // 60 and the minute before
+    assert tool(tmp_path, "restore", "st_api_keys:60", "st_key_month:month").returncode == 0
+    assert sorted(sockets[1].requests) == [("st_api_keys", "AB12:29942640", "5"), ("st_key_month", "AB12:202612", "3")]
+    # A restart that crosses into January restores no month count.
+    sockets[1].requests.clear()
+    assert tool(tmp_path, "restore", "st_key_month:month", now=NOW + 26 * 86400).returncode == 0
+    assert sockets[1].requests == []
+
+
+def test_a_window_is_seconds_or_month(tmp_path, sockets):
+    result = tool(tmp_path, "save", "st_key_hour:hourly")
+    assert result.returncode != 0 and "st_key_hour:hourly" in result.stderr
+
+
+def test_an_unreadable_state_restores_nothing_and_says_so(tmp_path, sockets):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state/counters.json").write_text('{"st_key_month": {"AB1')
+    result = tool(tmp_path, "restore")
+    assert result.returncode != 0 and "unreadable" in result.stderr
+    assert sockets[1].requests == []
+
+
 def test_restore_skips_tables_no_longer_configured(tmp_path, sockets):
     assert tool(tmp_path, "save").returncode == 0
     assert tool(tmp_path, "restore", "st_api_keys").returncode == 0
     assert sockets[1].requests == []
+
+
+def test_the_drop_in_names_every_table_with_its_window():
+    """The haproxy role's windows reach the tool as TABLE:WINDOW (seconds or month)."""
+    variables = yaml.safe_load((ROOT / "roles/haproxy/vars/main.yml").read_text())
+    windows = variables["__haproxy_key_windows"] + variables["__haproxy_token_windows"]
+    for window in windows:
+        seconds = {"minute": 60, "hour": 3600, "day": 86400, "month": "month"}[window["name"]]
+        assert window["window"] == seconds, window
+        # The id haproxy.cfg gives the window is the same division (or the UTC month).
+        assert window["id"] == ("date,utime(%Y%m)" if seconds == "month" else f"date,div({seconds})"), window
+    assert "__haproxy_persisted_windows" in DROPIN.read_text()
 
 
 def test_restore_without_a_saved_state_does_nothing(tmp_path, sockets):

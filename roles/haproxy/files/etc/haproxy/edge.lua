@@ -239,6 +239,9 @@ local function map_keys_and_values(path)
   return pairs_read
 end
 
+-- The most zero series seed_usage starts per key name and model (see there).
+local seed_limit = 30000
+
 local function new_latency_series()
   local series = { buckets = {}, sum = 0, count = 0 }
   for index = 1, #latency_buckets do
@@ -261,8 +264,20 @@ local function seed_usage(routes_map, keys_map)
       names[label_value(name)] = true
     end
   end
+  local model_count, name_count = 0, 0
   for model in pairs(models) do
     usage.latency[model] = usage.latency[model] or new_latency_series()
+    model_count = model_count + 1
+  end
+  for _ in pairs(names) do
+    name_count = name_count + 1
+  end
+  -- Three zero series per key name and model; past seed_limit (thousands of keys) only the
+  -- latency series start at zero, and a key's first requests show from its second scrape.
+  if 3 * model_count * name_count > seed_limit then
+    return
+  end
+  for model in pairs(models) do
     for name in pairs(names) do
       add(usage.requests, string.format('key="%s",model="%s",code="200"', name, model), 0)
       add(usage.tokens, string.format('key="%s",model="%s",kind="prompt"', name, model), 0)
