@@ -22,7 +22,7 @@ one place, instead of in every role's Jinja:
   and the names in each host's log certificate (``subject_alt_name``);
 - ``link_tls``: the engine link's TLS (load balancers and Prometheus to each engine,
   :func:`link_tls`): on or off, where every host keeps its files, and the subject of each
-  host's certificate from the edge CA;
+  host's certificate from the engine link CA (kept beside the edge CA);
 - ``plan``: the plan itself, unchanged.
 
 ``playbooks/fleet_model.yml`` (run by ``playbooks/preflight.yml``) publishes the result as
@@ -92,7 +92,7 @@ HOST_VARIABLES = ADDRESS_VARIABLES + tuple(PORT_VARIABLES.values()) + ("monitori
 LB_GROUP = "loadbalancers"
 GPU_GROUP = "gpu_nodes"
 MONITORING_GROUP = "monitoring"
-# Where every host of the engine link keeps the edge CA's certificate and its own
+# Where every host of the engine link keeps the engine link CA's certificate and its own
 # certificate and key (HAProxy's naming: the key beside the PEM, ``<pem>.key``).
 LINK_TLS_DIR = "/etc/aphrodite/link-tls"
 
@@ -284,14 +284,16 @@ def log_receivers(hosts: Mapping[str, Mapping[str, Any]], members: Mapping[str, 
 
 
 def link_tls(hosts: Mapping[str, Mapping[str, Any]], members: Mapping[str, Sequence[str]], enabled: bool) -> Dict[str, Any]:
-    """The engine link's TLS: every engine serves TLS with a certificate of the edge CA and
+    """The engine link's TLS: every engine serves TLS with a certificate of the engine link CA and
     requires a client certificate of that CA, which the load balancers and the monitoring
-    hosts hold.  It needs the edge CA, so a fleet without load balancers runs it off.
+    hosts hold.  That CA lives beside the edge CA on the first load balancer and is kept
+    like it, so a fleet without load balancers runs the link off.  Engines trust it alone:
+    a certificate of the edge CA (the central logs' are) opens no engine port.
 
     Per host of the link: the subject of its certificate (common name: the inventory name;
     alternative names: that name and the private address) and its uses (engines are servers
     and, for their own container health check, clients).  ``ca_host`` signs them: the first
-    load balancer, which keeps the edge CA's key (the haproxy role).
+    load balancer, which keeps both CAs' keys (the haproxy role).
     """
     lbs = set(members.get(LB_GROUP, []))
     ca_host = next((h for h in members.get(LB_GROUP, []) if h in hosts), None)

@@ -1064,17 +1064,24 @@ def test_testssl_finds_nothing_medium_or_worse(lab, ca_file):
 LINK = "/etc/aphrodite/link-tls"
 
 
-def _stranger_certificate(folder: str) -> tuple[str, str]:
-    """A client certificate of a CA that is not the edge's (self-signed)."""
+def _stranger_certificate(folder: str, issuer: tuple | None = None) -> tuple[str, str]:
+    """A client certificate (clientAuth) for edge-lb1's name: self-signed, or signed by
+    ``issuer`` (its certificate and key, PEM)."""
     from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.x509.oid import NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-lb1")])
+    signer, issuer_name = key, name
+    if issuer is not None:
+        issuer_name = x509.load_pem_x509_certificate(issuer[0]).subject
+        signer = serialization.load_pem_private_key(issuer[1], password=None)
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(issuer_name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(signer, hashes.SHA256()))
     paths = (os.path.join(folder, "stranger.crt"), os.path.join(folder, "stranger.key"))
     Path(paths[0]).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     Path(paths[1]).write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -1082,7 +1089,7 @@ def _stranger_certificate(folder: str) -> tuple[str, str]:
     return paths
 
 
-def test_an_engine_serves_only_clients_with_a_certificate_of_the_edge_ca(lab, addresses, ca_file):
+def test_an_engine_serves_only_clients_with_a_certificate_of_the_engine_link_ca(lab, addresses):
     url = f"https://{addresses['edge-gpu1']}:8001/health"
     curl = f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 5 --cacert {LINK}/ca.crt"
     # A load balancer's own certificate of the link (what HAProxy presents): served, and the
@@ -1096,12 +1103,22 @@ def test_an_engine_serves_only_clients_with_a_certificate_of_the_edge_ca(lab, ad
     for command in (f"{curl} {url}", f"curl -sS -o /dev/null -w '%{{http_code}}' --max-time 5 http://{addresses['edge-gpu1']}:8001/health"):
         refused = lab["edge-gpu2"].run(command)
         assert refused.rc != 0 and refused.stdout.strip() in ("", "000"), (command, refused.stdout, refused.stderr)
-    # A client certificate of another CA is refused too.
-    with tempfile.TemporaryDirectory() as folder:
-        context = ssl.create_default_context(cafile=ca_file)
-        context.load_cert_chain(*_stranger_certificate(folder))
-        conn = HTTPSConnection(addresses["edge-gpu1"], 8001, timeout=5, context=context)
-        with pytest.raises((ssl.SSLError, ConnectionError)):
-            conn.request("GET", "/health")
-            conn.getresponse()
-        conn.close()
+    # A client certificate of another CA is refused too, the edge CA's included (the central
+    # logs give every host one): engines trust the engine link CA alone.  The engine's own
+    # certificate is checked against the link CA, so only the client's can fail.
+    with lab["edge-lb1"].sudo():
+        link_ca = lab["edge-lb1"].file(f"{LINK}/ca.crt").content_string
+        edge_ca = (lab["edge-lb1"].file("/etc/haproxy/pki/ca/ca.crt").content_string.encode(),
+                   lab["edge-lb1"].file("/etc/haproxy/pki/ca/ca.key").content_string.encode())
+    assert link_ca.encode() != edge_ca[0]
+    for issuer in (None, edge_ca):
+        with tempfile.TemporaryDirectory() as folder:
+            context = ssl.create_default_context(cadata=link_ca)
+            context.load_cert_chain(*_stranger_certificate(folder, issuer))
+            conn = HTTPSConnection(addresses["edge-gpu1"], 8001, timeout=5, context=context)
+            with pytest.raises((ssl.SSLError, ConnectionError)) as refused:
+                conn.request("GET", "/health")
+                conn.getresponse()
+            conn.close()
+            # The engine refused the client (an alert), not the client the engine.
+            assert "CERTIFICATE_VERIFY_FAILED" not in str(refused.value), refused.value

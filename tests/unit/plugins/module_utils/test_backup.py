@@ -122,7 +122,8 @@ def test_the_roles_own_the_paths_the_backup_reads() -> None:
     """The entry points read their roles' own paths: the edge PKI and the CA files a restore needs."""
     haproxy = yaml.safe_load((ROOT / "roles/haproxy/vars/main.yml").read_text())
     assert haproxy["__haproxy_ca_dir"] == haproxy["__haproxy_pki_dir"] + "/ca"
-    assert set(haproxy["__haproxy_ca_kept"]) == {"ca.key", "ca.csr", "ca.crt"}
+    # Both CAs, the edge's and the engine link's: what a rebuilt CA host needs to sign again.
+    assert set(haproxy["__haproxy_ca_kept"]) == {"ca.key", "ca.csr", "ca.crt", "link-ca.key", "link-ca.csr", "link-ca.crt"}
     for entry in ("roles/haproxy/tasks/backup.yml", "roles/haproxy/tasks/restore_ca.yml",
                   "roles/monitoring/tasks/snapshot.yml", "roles/model_store/tasks/manifests.yml"):
         text = (ROOT / entry).read_text()
