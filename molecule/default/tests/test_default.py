@@ -168,3 +168,26 @@ def test_status_reaches_every_replica_over_the_engine_link():
     for replica in payload["replicas"]:
         assert {v["status"] for v in replica["health"].values()} == {200}
         assert replica["metrics"]["requests_running"] is not None
+
+
+def test_switching_the_link_of_serving_replicas_is_refused_before_any_change(gpu):
+    """The replicas serve over the engine link's TLS; a run that turns it off would replace
+    them one by one while HAProxy still speaks TLS to them, taking each out of the pool.  It
+    stops in the engine role's preflight instead, names both ways out, and changes nothing."""
+    listing = "docker ps --all --no-trunc --filter label=io.aphrodite.replica --format '{{.ID}} {{.State}}'"
+    with gpu.sudo():
+        before = sorted(gpu.check_output(listing).splitlines())
+    project = os.environ["MOLECULE_PROJECT_DIRECTORY"]
+    proc = subprocess.run([str(os.path.join(os.path.dirname(sys.executable), "ansible-playbook")), "site.yml",
+                           "-i", os.environ["MOLECULE_INVENTORY_FILE"], "--tags", "engines",
+                           "-e", "aphrodite_engine_tls=false"],
+                          capture_output=True, text=True, cwd=project, timeout=900, check=False)
+    said = " ".join(proc.stdout.split())
+    assert proc.returncode != 0, said[-3000:]
+    assert "serve over TLS" in said and "Nothing was changed" in said, said[-3000:]
+    assert "aphrodite_engine_tls: true" in said and "docker rm -f" in said, said[-3000:]
+    recap = re.findall(r"^(\S+)\s*:\s*ok=\d+\s+changed=(\d+)", proc.stdout, re.M)
+    assert recap and all(changed == "0" for _, changed in recap), recap
+    with gpu.sudo():
+        assert sorted(gpu.check_output(listing).splitlines()) == before
+    assert before and all(line.endswith(" running") for line in before), before
