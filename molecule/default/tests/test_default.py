@@ -182,7 +182,8 @@ def test_switching_the_link_of_serving_replicas_is_refused_before_any_change(gpu
                            "-i", os.environ["MOLECULE_INVENTORY_FILE"], "--tags", "engines",
                            "-e", "aphrodite_engine_tls=false"],
                           capture_output=True, text=True, cwd=project, timeout=900, check=False)
-    said = " ".join(proc.stdout.split())
+    # Ansible prints a failed task's message on stderr.
+    said = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode != 0, said[-3000:]
     assert "serve over TLS" in said and "Nothing was changed" in said, said[-3000:]
     assert "aphrodite_engine_tls: true" in said and "docker rm -f" in said, said[-3000:]

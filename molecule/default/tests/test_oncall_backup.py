@@ -156,8 +156,9 @@ def test_restore_and_deploy_bring_back_the_same_ca_and_chain(lb, run) -> None:
     # Another passphrase: refused with the fix named, nothing put in place.
     wrong = _playbook("playbooks/restore.yml", "-e", "aphrodite_backup_passphrase=not-the-passphrase-0000")
     assert wrong.returncode != 0
-    said = " ".join(wrong.stdout.split())
-    assert "could not be decrypted" in said and "aphrodite_backup_passphrase" in said, wrong.stdout[-3000:]
+    # Ansible prints a failed task's message on stderr.
+    said = " ".join((wrong.stdout + wrong.stderr).split())
+    assert "could not be decrypted" in said and "aphrodite_backup_passphrase" in said, said[-3000:]
     assert "not-the-passphrase-0000" not in wrong.stdout + wrong.stderr
     with lb.sudo():
         assert not lb.file(f"{PKI}/ca/ca.key").exists
