@@ -71,7 +71,11 @@ options:
       - With V(state=record), what to snapshot, by role name. Each role's entry may have
         C(files) (paths of files or directories, which are walked), C(units) (systemd unit names),
         C(packages) (package names; a version pin such as C(haproxy=2.8*) counts as its name) and
-        C(commands) (argument lists whose exit status and output are compared).
+        C(commands) (argument lists whose exit status and output are compared), C(certificates) (a list of
+        C(path) and C(within_days), telling whether each certificate or CRL ends within that many days, read
+        from the file without a process) and C(docker) (C(containers) by name, C(images) by reference and
+        C(labelled), labels whose containers are listed, all asked of the Docker Engine API on
+        O(docker_socket), never through the CLI).
       - The recorded watch list is what V(state=check) compares later.
     type: dict
     default: {}
@@ -88,6 +92,12 @@ options:
         RV(gpu_problem) says why, so the caller can run M(aphrodite.baremetal.gpu_facts) to fail with it.
     type: bool
     default: false
+  origin:
+    description:
+      - With V(state=probe) and O(gpus), where the GPU facts are gathered (C(inventory), the inventory
+        source, and C(address)), returned beside them as C(ansible_facts.aphrodite_gpus_origin) and so
+        cached with them, since the planner uses cached GPU facts only for the host they were gathered from.
+    type: dict
   compare:
     description:
       - With V(state=probe), whether to take the snapshot and compare it with the record. V(false)
@@ -99,6 +109,11 @@ options:
       - Where the record lives. Only root can read it, since the fingerprint covers secrets.
     type: path
     default: /var/lib/aphrodite/converged.json
+  docker_socket:
+    description:
+      - The Docker daemon's socket, for the C(docker) entries of O(watch).
+    type: path
+    default: /var/run/docker.sock
   max_hash_bytes:
     description:
       - Files up to this size are compared by content; larger ones (model weights) by size,
@@ -109,7 +124,8 @@ notes:
   - Commands run without a shell, with C(LC_ALL=C). Pick commands whose output only
     changes when the managed state does (C(nft -s) leaves counters out, for example).
   - Units of every role are read with one C(systemctl show), packages with one C(dpkg-query)
-    (or C(rpm)), and a command that several roles watch runs once.
+    (or C(rpm)), and a command that several roles watch runs once. Containers and images of every role
+    are asked of Docker on one connection, and certificates are read in the module's own process.
 seealso:
   - name: The fast path
     description: How site.yml decides to skip a host, and how to turn it off (C(aphrodite_fast_path=false)).
@@ -192,7 +208,9 @@ gpu_problem:
   returned: always
   type: str
 ansible_facts:
-  description: With V(state=probe), the facts of O(gather_subset) (named as M(ansible.builtin.setup) names them) and C(aphrodite_gpus).
+  description: >-
+    With V(state=probe), the facts of O(gather_subset) (named as M(ansible.builtin.setup) names them), C(aphrodite_gpus)
+    and, with O(origin), C(aphrodite_gpus_origin).
   returned: when O(state=probe)
   type: dict
 roles:
@@ -213,6 +231,8 @@ import stat
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.facts import ansible_collector, default_collectors
 from ansible.module_utils.facts.namespace import PrefixFactNamespace
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._cert_expiry import renewal_state
+from ansible_collections.aphrodite.baremetal.plugins.module_utils._docker_state import DockerState
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._fingerprint import digest_of_parts
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._gpu_gather import gather as gather_gpus
 from ansible_collections.aphrodite.baremetal.plugins.module_utils._gpu_parse import GpuParseError
@@ -349,24 +369,61 @@ def snapshot_commands(module, commands, cache=None):
     return result
 
 
-def snapshot(module, watch, max_hash_bytes, skip=()):
+def snapshot_certificates(entries):
+    """Path -> 'valid', 'renew', 'absent' or 'unreadable (why)' at each entry's margin."""
+    result = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or "path" not in entry:
+            continue
+        days = int(entry.get("within_days", 0))
+        result["%s within %d days" % (entry["path"], days)] = renewal_state(str(entry["path"]), days)
+    return result
+
+
+def snapshot_docker(docker, spec):
+    """'container NAME', 'image REF' and 'labelled LABEL' -> what Docker says of each."""
+    if not spec:
+        return {}
+    result = {}
+    for name in spec.get("containers") or []:
+        result["container %s" % name] = docker.container(str(name))
+    for reference in spec.get("images") or []:
+        result["image %s" % reference] = docker.image(str(reference))
+    for label in spec.get("labelled") or []:
+        result["labelled %s" % label] = docker.labelled(str(label))
+    return result
+
+
+DOCKER_SOCKET = "/var/run/docker.sock"
+
+
+def snapshot(module, watch, max_hash_bytes, skip=(), docker_socket=DOCKER_SOCKET):
     """Role -> what it manages, as found now.  The units of all roles are read in one
     systemctl call and the packages in one dpkg-query call; a command that several roles
-    watch runs once."""
+    watch runs once; Docker is asked on one connection."""
     specs = dict((role, watch[role] or {}) for role in sorted(watch))
     units = [str(u) for spec in specs.values() for u in spec.get("units") or []]
     all_units = snapshot_units(module, list(dict.fromkeys(units)))
     all_packages = snapshot_packages(module, [p for spec in specs.values() for p in spec.get("packages") or []])
+    docker = DockerState(docker_socket)
     commands = {}
     taken = {}
-    for role, spec in specs.items():
-        names = sorted(set(_package_name(str(p)) for p in spec.get("packages") or [] if str(p).strip()))
-        taken[role] = {
-            "files": snapshot_files([str(p) for p in spec.get("files") or []], max_hash_bytes, skip),
-            "units": dict((str(u), all_units[str(u)]) for u in spec.get("units") or []),
-            "commands": snapshot_commands(module, [[str(a) for a in argv] for argv in spec.get("commands") or []], commands),
-            "packages": dict((name, all_packages[name]) for name in names),
-        }
+    try:
+        for role, spec in specs.items():
+            names = sorted(set(_package_name(str(p)) for p in spec.get("packages") or [] if str(p).strip()))
+            taken[role] = {
+                "files": snapshot_files([str(p) for p in spec.get("files") or []], max_hash_bytes, skip),
+                "units": dict((str(u), all_units[str(u)]) for u in spec.get("units") or []),
+                "commands": snapshot_commands(module, [[str(a) for a in argv] for argv in spec.get("commands") or []], commands),
+                "packages": dict((name, all_packages[name]) for name in names),
+            }
+            # Only where declared, so that records of roles without them keep their shape.
+            if spec.get("certificates"):
+                taken[role]["certificates"] = snapshot_certificates(spec["certificates"])
+            if spec.get("docker"):
+                taken[role]["docker"] = snapshot_docker(docker, spec["docker"])
+    finally:
+        docker.close()
     return taken
 
 
@@ -390,6 +447,8 @@ def probe(module, record, problem, result):
     if p["gpus"]:
         try:
             facts["aphrodite_gpus"] = gather_gpus(module, {})
+            if p["origin"] is not None:
+                facts["aphrodite_gpus_origin"] = p["origin"]
         except GpuParseError as exc:
             result["gpu_problem"] = str(exc)
     result["ansible_facts"] = facts
@@ -402,7 +461,8 @@ def probe(module, record, problem, result):
     result["recorded_fingerprint"] = record.get("fingerprint")
     result["recorded_inputs"] = dict((str(k), str(v)[:SHORT_DIGEST]) for k, v in (record.get("inputs") or {}).items())
     if p["compare"]:
-        current = snapshot(module, record.get("watch") or {}, record.get("max_hash_bytes", p["max_hash_bytes"]), (p["path"],))
+        current = snapshot(module, record.get("watch") or {}, record.get("max_hash_bytes", p["max_hash_bytes"]), (p["path"],),
+                           p["docker_socket"])
         found = differences(record.get("snapshot") or {}, current)
         result["drift"] = found[:MAX_REASONS] + (
             ["and %d more" % (len(found) - MAX_REASONS)] if len(found) > MAX_REASONS else [])
@@ -413,19 +473,21 @@ def differences(recorded, current):
     reasons = []
     for role in sorted(set(recorded) | set(current)):
         old, new = recorded.get(role, {}), current.get(role, {})
-        for kind in ("files", "units", "packages", "commands"):
+        for kind in ("files", "units", "packages", "commands", "certificates", "docker"):
             before, after = old.get(kind, {}), new.get(kind, {})
             for key in sorted(set(before) | set(after)):
                 was, now = before.get(key), after.get(key)
                 if was == now:
                     continue
-                if kind == "files":
+                if kind in ("files", "docker"):
                     what = "appeared" if was in (None, "absent") else "is gone" if now in (None, "absent") else "changed"
                     reasons.append("%s: %s %s" % (role, key, what))
                 elif kind == "units":
                     reasons.append("%s: unit %s is %s, was %s" % (role, key, now, was))
                 elif kind == "packages":
                     reasons.append("%s: package %s is %s, was %s" % (role, key, now or "not watched", was))
+                elif kind == "certificates":
+                    reasons.append("%s: %s: %s, was %s" % (role, key, now or "not watched", was))
                 else:
                     reasons.append("%s: the output of '%s' changed" % (role, key))
     return reasons
@@ -453,9 +515,11 @@ def main():
             watch=dict(type="dict", default={}),
             gather_subset=dict(type="list", elements="str", default=["min", "network"]),
             gpus=dict(type="bool", default=False),
+            origin=dict(type="dict"),
             compare=dict(type="bool", default=True),
             path=dict(type="path", default="/var/lib/aphrodite/converged.json"),
             max_hash_bytes=dict(type="int", default=8 * 1024 * 1024),
+            docker_socket=dict(type="path", default=DOCKER_SOCKET),
         ),
         required_if=[["state", "check", ["fingerprint", "inputs"], True],
                      ["state", "record", ["fingerprint", "inputs"], True]],
@@ -488,7 +552,7 @@ def main():
                 what if before and inputs else "inventory, variables, facts, plan or collection")]
         else:
             current = snapshot(module, record.get("watch") or {},
-                               record.get("max_hash_bytes", p["max_hash_bytes"]), (p["path"],))
+                               record.get("max_hash_bytes", p["max_hash_bytes"]), (p["path"],), p["docker_socket"])
             found = differences(record.get("snapshot") or {}, current)
             result["converged"] = not found
             result["reasons"] = found[:MAX_REASONS] + (
@@ -496,7 +560,7 @@ def main():
         module.exit_json(**result)
 
     watch = dict((str(role), spec or {}) for role, spec in p["watch"].items())
-    taken = snapshot(module, watch, p["max_hash_bytes"], (p["path"],))
+    taken = snapshot(module, watch, p["max_hash_bytes"], (p["path"],), p["docker_socket"])
     same = (record is not None and record.get("fingerprint") == p["fingerprint"]
             and (record.get("inputs") or {}) == inputs
             and record.get("watch") == watch and record.get("snapshot") == taken)

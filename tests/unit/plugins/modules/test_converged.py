@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.aphrodite.baremetal.plugins.modules import converged
+from docker_api_standin import daemon  # noqa: F401  (fixture)
 from module_harness import ExitJson, module_exits, run_module  # noqa: F401  (autouse fixture)
 
 FP = "a" * 64
@@ -276,3 +277,51 @@ def test_one_systemctl_and_one_package_query_for_every_role(monkeypatch: pytest.
     assert taken["haproxy"]["packages"] == {"curl": "1.0", "haproxy": "1.0"}
     assert taken["common"]["packages"] == {"curl": "1.0"}
 
+
+
+def test_certificates_and_docker_are_read_without_a_process(host: dict, daemon, tmp_path: Path,  # noqa: F811
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TLS files a role renews and the containers and images it runs: recorded, compared,
+    and named when they change; no command is run for either."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def certificate(days: int) -> bytes:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lb1")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                .serial_number(1).not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=days)).sign(key, hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    pem = tmp_path / "edge.pem"
+    pem.write_bytes(certificate(90))
+    host["watch"]["haproxy"]["certificates"] = [{"path": str(pem), "within_days": 29}]
+    host["watch"]["engine"] = {"docker": {"containers": ["aphrodite-llama-0"], "images": ["aphrodite:0.24.1"],
+                                          "labelled": ["io.aphrodite.replica"]}}
+    monkeypatch.setattr(converged.AnsibleModule, "run_command",
+                        lambda self, argv, **kw: pytest.fail(f"ran {argv}") if "docker" in str(argv) else (0, "steady\n", ""))
+    socket_path = str(daemon.server_address)
+    record(host, docker_socket=socket_path)
+    saved = json.loads(host["record"].read_text())["snapshot"]
+    assert saved["haproxy"]["certificates"] == {f"{pem} within 29 days": "valid"}
+    assert saved["engine"]["docker"]["container aphrodite-llama-0"].endswith('"io.aphrodite.replica":"llama-0"}')
+    assert "certificates" not in saved["model_store"] and "docker" not in saved["model_store"]
+    assert check(host, docker_socket=socket_path)["converged"] is True
+
+    pem.write_bytes(certificate(20))  # another certificate, due for renewal
+    daemon.containers["aphrodite-llama-0"]["State"]["Status"] = "exited"
+    del daemon.images["aphrodite:0.24.1"]
+    reasons = check(host, docker_socket=socket_path)["reasons"]
+    assert f"haproxy: {pem} within 29 days: renew, was valid" in reasons
+    assert "engine: container aphrodite-llama-0 changed" in reasons
+    assert "engine: image aphrodite:0.24.1 is gone" in reasons
+    assert "engine: labelled io.aphrodite.replica changed" in reasons
+    # No daemon at all: a state of its own, not a failure of the probe.
+    reasons = check(host, docker_socket=str(tmp_path / "none.sock"))["reasons"]
+    assert "engine: container aphrodite-llama-0 changed" in reasons
