@@ -96,8 +96,68 @@ def fast_path_verdict(probe: Any, inputs: Any, fast_path: Any = True) -> dict:
     return verdict(probe, inputs, bool(fast_path))
 
 
+def _probe_of(hostvars: Any, host: str) -> Any:
+    try:
+        variables = hostvars[host]
+        return variables["__aphrodite_probe"] if "__aphrodite_probe" in variables else None
+    except KeyError:
+        return None
+
+
+def _summary(hosts: list, verdicts: Mapping) -> list:
+    """What the run says: how many hosts it skips, then each other host with why it runs."""
+    fresh = [h for h in hosts if verdicts[h]["converged"]]
+    lines = [f"{len(fresh)} of {len(hosts)} host(s) unchanged since their last complete run, skipped"
+             + (": " + ", ".join(fresh) if fresh else "")]
+    for host in hosts:
+        if host in fresh:
+            continue
+        reasons = verdicts[host]["reasons"] or ["the host was not probed in this run"]
+        more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
+        lines.append(f"{host} runs every task: " + "; ".join(reasons[:3]) + more)
+    return lines
+
+
+def fast_path_decision(hostvars: Any, hosts: Any, groups: Any, plan: Any = None, fast_path: Any = True) -> dict:
+    """The fast path's whole decision, once on the controller; see fast_path_decision.yml."""
+    if isinstance(hosts, str) or not hasattr(hosts, "__iter__"):
+        raise AnsibleFilterError("fast_path_decision needs the play's hosts, for example ansible_play_hosts")
+    if not isinstance(groups, Mapping) or "all" not in groups:
+        raise AnsibleFilterError("fast_path_decision needs the inventory's groups (groups)")
+    hosts = [str(h) for h in hosts]
+    inputs = fleet_inputs(hostvars, groups["all"], groups, plan)
+    verdicts = {host: verdict(_probe_of(hostvars, host), inputs, bool(fast_path)) for host in hosts}
+    return {
+        "inputs": inputs,
+        "verdicts": verdicts,
+        "skipped": [h for h in hosts if verdicts[h]["converged"]],
+        "running": [h for h in hosts if not verdicts[h]["converged"]],
+        "summary": _summary(hosts, verdicts),
+    }
+
+
+def fast_path_hosts(names: Any, groups: Any, hostvars: Any) -> list:
+    """The hosts of the groups (or hosts) ``names`` that a stage play runs on; see fast_path_hosts.yml."""
+    if not isinstance(groups, Mapping):
+        raise AnsibleFilterError("fast_path_hosts needs the inventory's groups: ['gpu_nodes'] | fast_path_hosts(groups, hostvars)")
+    names = [names] if isinstance(names, str) else list(names or [])
+    hosts: list = []
+    for name in names:
+        for host in groups.get(name, [name] if name in groups.get("all", []) else []):
+            if host not in hosts:
+                hosts.append(host)
+    try:
+        local = hostvars["localhost"]
+        decision = local["__aphrodite_fast_path"] if "__aphrodite_fast_path" in local else None
+    except KeyError:
+        decision = None
+    skipped = set(decision.get("skipped") or []) if isinstance(decision, Mapping) else set()
+    return [h for h in hosts if h not in skipped]
+
+
 class FilterModule:
     """aphrodite.baremetal fast-path filters."""
 
     def filters(self) -> dict:
-        return {"fleet_fingerprint": fleet_fingerprint, "fleet_inputs": fleet_inputs, "fast_path_verdict": fast_path_verdict}
+        return {"fleet_fingerprint": fleet_fingerprint, "fleet_inputs": fleet_inputs, "fast_path_verdict": fast_path_verdict,
+                "fast_path_decision": fast_path_decision, "fast_path_hosts": fast_path_hosts}

@@ -3,8 +3,8 @@
 The fingerprint decides whether a host is skipped, so a missed input would silently leave
 a change unapplied.  These tests hold the pieces to that: the fingerprint reacts to every
 kind of input (in a real ansible-playbook run, templating and lookups included) and to
-nothing volatile; every fact a role reads is covered; every stage play starts with the
-skip and every role declares what it manages.
+nothing volatile; every fact a role reads is covered; every stage play leaves the skipped
+hosts out and every role declares what it manages.
 """
 
 from __future__ import annotations
@@ -238,15 +238,21 @@ def test_site_runs_probe_preflight_then_fast_path_first_and_records_last() -> No
 
 def test_one_round_trip_per_host_before_the_decision() -> None:
     """Up to the decision, the only task that reaches the hosts is the probe: the preflight
-    reads GPUs itself only when the probe did not, and the fast path decides on the controller."""
+    reads GPUs itself only on the nodes the probe did not read (its play leaves the others
+    out), and the fast path decides for the whole fleet in one task on the controller."""
     probe_play, = yaml.safe_load((ROOT / "playbooks" / "probe.yml").read_text())
     probe_task, = probe_play["tasks"]
     assert probe_task["aphrodite.baremetal.converged"]["state"] == "probe"
+    assert set(probe_task["aphrodite.baremetal.converged"]["origin"]) == {"inventory", "address"}
     assert probe_task["register"] == "__aphrodite_probe" and probe_play["hosts"] == "all"
     preflight = yaml.safe_load((ROOT / "playbooks" / "preflight.yml").read_text())
-    gpu_task = next(t for t in preflight[0]["tasks"] if "aphrodite.baremetal.gpu_facts" in t)
-    assert gpu_task["when"] == "__aphrodite_probe.ansible_facts.aphrodite_gpus is not defined"
+    gpu_play = next(p for p in preflight if any("aphrodite.baremetal.gpu_facts" in t for t in p.get("tasks", [])))
+    assert "rejectattr('__aphrodite_probe.ansible_facts.aphrodite_gpus', 'defined')" in gpu_play["hosts"]
+    for play in preflight:
+        if play is not gpu_play and "hosts" in play:
+            assert all(t.get("run_once") for t in play["tasks"]), play["name"]
     fast, = yaml.safe_load((ROOT / "playbooks" / "fast_path.yml").read_text())
+    assert all(task.get("run_once") for task in fast["tasks"]), "the decision is one task for the fleet, not one per host"
     modules = {k for task in fast["tasks"] for k in task if "." in k}
     assert modules == {"ansible.builtin.set_fact", "ansible.builtin.debug"}, modules
 
@@ -279,14 +285,103 @@ def test_verdict_needs_the_same_inputs_and_no_drift() -> None:
     assert not fp.verdict(_probe(parts, drift=None), parts)["converged"]
 
 
-def test_every_stage_play_first_skips_converged_hosts() -> None:
+STAGE_HOSTS = re.compile(r"^\{\{ \[('[a-z_]+'(, '[a-z_]+')*)\] \| aphrodite\.baremetal\.fast_path_hosts\(groups, hostvars \| default\(\{\}\)\) \}\}$")
+
+
+def test_every_stage_play_leaves_the_skipped_hosts_out() -> None:
+    """No worker per skipped host: every stage play takes its hosts through fast_path_hosts
+    (a no-op run leaves each play with no host at all), none ends hosts one by one."""
     stages = [(name, play) for name, play in _site_plays() if name not in NOT_STAGES]
     assert len(stages) >= 10
     for name, play in stages:
-        first = (play.get("pre_tasks") or play.get("tasks"))[0]
-        assert first.get("ansible.builtin.meta") == "end_host", f"{name}: {play['name']}"
-        assert first["when"] == "__aphrodite_converged.converged | default(false)", f"{name}: {play['name']}"
-        assert "always" in first.get("tags", []), f"{name}: {play['name']} (the skip must hold under --tags)"
+        assert STAGE_HOSTS.match(play["hosts"]), f"{name}: {play['name']}: hosts {play['hosts']!r}"
+        for task in (play.get("pre_tasks") or []) + (play.get("tasks") or []):
+            assert task.get("ansible.builtin.meta") != "end_host", f"{name}: {play['name']}"
+    verify = yaml.safe_load((ROOT / "playbooks" / "verify.yml").read_text())
+    assert "fast_path_hosts(groups, hostvars | default({}))" in verify[0]["hosts"]
+    assert "'verify' in ansible_run_tags" in verify[0]["hosts"] and "__aphrodite_fast_path" in verify[1]["hosts"]
+    record, = yaml.safe_load((ROOT / "playbooks" / "record.yml").read_text())
+    assert STAGE_HOSTS.match(record["hosts"])
+
+
+STAGE_PLAYBOOK = """
+- name: Decide (as playbooks/fast_path.yml does)
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: Decide
+      ansible.builtin.set_fact:
+        __aphrodite_fast_path: "{{ hostvars | aphrodite.baremetal.fast_path_decision(ansible_play_hosts, groups) }}"
+      delegate_to: localhost
+      delegate_facts: true
+      run_once: true
+      when: lookup('ansible.builtin.env', 'DECIDE') == 'yes'
+
+- name: A stage
+  hosts: "{{ ['loadbalancers', 'gpu_nodes'] | aphrodite.baremetal.fast_path_hosts(groups, hostvars | default({})) }}"
+  gather_facts: false
+  tasks:
+    - name: Say who runs
+      ansible.builtin.debug:
+        msg: "RUNS={{ inventory_hostname }}"
+"""
+
+
+def _stage_run(project: Path, playbook: str, decide: bool) -> list[str]:
+    (project / "stage.yml").write_text(playbook)
+    env = dict(os.environ, DECIDE="yes" if decide else "no", ANSIBLE_COLLECTIONS_PATH=str(ROOT / "collections"),
+               ANSIBLE_FORCE_COLOR="false", ANSIBLE_NOCOLOR="true", ANSIBLE_CONFIG=str(project / "ansible.cfg"))
+    proc = subprocess.run([ANSIBLE_PLAYBOOK, "-i", str(project / "inventory"), str(project / "stage.yml")],
+                          capture_output=True, text=True, env=env, cwd=project)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return sorted(set(re.findall(r"RUNS=(\w+)", proc.stdout)))
+
+
+def test_a_stage_play_leaves_out_exactly_the_hosts_the_decision_skipped(project: Path) -> None:
+    """In a real run: a probe that says converged (a record of these very inputs, no drift)
+    leaves its host out of the stage play; no decision, every host runs; the stage play as
+    a run's first play (a playbook run on its own, before hostvars exists) runs every host."""
+    with_probe = STAGE_PLAYBOOK.replace("  tasks:\n    - name: Decide\n", """  tasks:
+    - name: A probe of gpu1 that found its record of these inputs and no drift
+      ansible.builtin.set_fact:
+        __aphrodite_probe:
+          recorded_fingerprint: "{{ hostvars | aphrodite.baremetal.fleet_fingerprint(groups['all'], groups) }}"
+          recorded_inputs: {}
+          drift: []
+      when: inventory_hostname == 'gpu1'
+
+    - name: Decide
+""", 1)
+    assert _stage_run(project, with_probe, decide=True) == ["lb1"]
+    assert _stage_run(project, with_probe, decide=False) == ["gpu1", "lb1"]
+    first = STAGE_PLAYBOOK[STAGE_PLAYBOOK.index("- name: A stage"):]
+    assert _stage_run(project, first, decide=False) == ["gpu1", "lb1"]
+
+
+def test_the_decision_for_the_fleet_names_why_hosts_run() -> None:
+    from ansible_collections.aphrodite.baremetal.plugins.filter import converged as flt
+
+    groups = {"all": ["lb1", "gpu1", "gpu2"], "gpu_nodes": ["gpu1", "gpu2"], "loadbalancers": ["lb1"]}
+    hostvars = {"lb1": {}, "gpu1": {}, "gpu2": {}}
+    inputs = flt.fleet_inputs(hostvars, groups["all"], groups)
+    hostvars["gpu1"]["__aphrodite_probe"] = _probe(inputs)
+    hostvars["gpu2"]["__aphrodite_probe"] = _probe(inputs, drift=["engine: unit x is inactive, was active"])
+    decision = flt.fast_path_decision(hostvars, ["lb1", "gpu1", "gpu2"], groups)
+    assert decision["inputs"] == inputs
+    assert decision["skipped"] == ["gpu1"] and decision["running"] == ["lb1", "gpu2"]
+    assert decision["summary"] == [
+        "1 of 3 host(s) unchanged since their last complete run, skipped: gpu1",
+        "lb1 runs every task: the host was not probed in this run",
+        "gpu2 runs every task: engine: unit x is inactive, was active"]
+    off = flt.fast_path_decision(hostvars, ["gpu1"], groups, None, False)
+    assert off["skipped"] == [] and off["verdicts"]["gpu1"]["reasons"] == ["the fast path is off (aphrodite_fast_path=false)"]
+    # The stage plays' hosts: group order, no repeats, the skipped ones out; no decision, all.
+    hostvars["localhost"] = {"__aphrodite_fast_path": decision}
+    assert flt.fast_path_hosts(["loadbalancers", "gpu_nodes", "all"], groups, hostvars) == ["lb1", "gpu2"]
+    assert flt.fast_path_hosts("gpu_nodes", groups, {}) == ["gpu1", "gpu2"]
+    assert flt.fast_path_hosts(["nfs_servers"], groups, hostvars) == []
+    with pytest.raises(Exception, match="groups"):
+        flt.fast_path_hosts(["all"], None, hostvars)
 
 
 def test_every_role_site_runs_declares_what_it_manages() -> None:

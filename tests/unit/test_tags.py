@@ -16,8 +16,7 @@ What legitimately runs under every stage tag, read-only (README.md, "What site.y
 * the plan (playbooks/preflight.yml): the plan and its asserts (GPU facts when the probe
   has none);
 * the fast path (playbooks/fast_path.yml): the fingerprint and the decision from each
-  host's probe, and each stage play's first task, which ends a host the probe found
-  unchanged (``meta: end_host``);
+  host's probe (the stage plays then leave the unchanged hosts out of their ``hosts``);
 * Ansible's own argument validation of each role (``validate_argument_spec``, which Ansible
   tags ``always`` itself), and the fact gathering of a play without a tag of its own (which
   ``--list-tasks`` does not show; ansible.cfg's ``gathering = smart`` answers it from the
@@ -236,8 +235,6 @@ def exception(task: Listed, tag: str) -> str | None:
     """Why a task of another stage may run under ``--tags tag`` (the module docstring's list), or None."""
     if task.playbook in EVERY_TAG:
         return "the plan and the fast path run under every tag"
-    if not task.role and task.name.startswith("Skip this host, unchanged since its last complete run"):
-        return "the fast path ends an unchanged host in every stage play"
     if task.name.startswith(VALIDATION):
         return "Ansible validates each role's arguments under every tag"
     if tag == "verify" and "verify" in task.tags:
