@@ -46,7 +46,10 @@ def _raw(value: Any) -> Any:
 
 def _host_inputs(variables: Any, raw: Any = None) -> dict:
     try:
-        facts = variables["ansible_facts"] if "ansible_facts" in variables else {}
+        # The facts as gathered, not templated: they are data, and templating the whole of
+        # them (every mount and interface of a full fact cache) cost most of this filter's time.
+        source = raw if isinstance(raw, Mapping) and "ansible_facts" in raw else variables
+        facts = source["ansible_facts"] if "ansible_facts" in source else {}
     except Exception:  # noqa: BLE001 - an unreadable fact cache entry is no input
         facts = {}
     facts = facts if isinstance(facts, Mapping) else {}

@@ -59,6 +59,9 @@ RUN_VARIABLES = frozenset({
     # it as a variable, later runs as a cached fact, so counting it would make the second run
     # differ from the first; the inventory file and the address it records are inputs already.
     "aphrodite_gpus_origin",
+    # The plan, which the preflight sets on every GPU node: computed from the inputs, and an
+    # input of its own already ("engine plan"), so templating it once per node adds nothing.
+    "aphrodite_plan",
 })
 # The collection's code: what it does with the inputs.
 CODE_DIRS = ("roles", "plugins", "playbooks")
