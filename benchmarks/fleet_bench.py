@@ -2,6 +2,7 @@
 """What converging and re-running site.yml costs on a lab fleet, and how it grows with hosts.
 
     .venv/bin/python benchmarks/fleet_bench.py [--sizes 4,12,40] [--repeat 3] [--full 0] [--mitogen]
+    .venv/bin/python benchmarks/fleet_bench.py --as-is [--repeat 3]     # the lab kept up by --keep
 
 Brings up its own lab (``bench``, 172.28.90.0/24, beside `make lab`'s) with lab/labctl.py:
 two load balancers, one NFS + monitoring host and GPU-node-like hosts (the lab's replayed
@@ -316,6 +317,41 @@ def report(results: dict, markdown: bool) -> str:
     return "\n".join(lines)
 
 
+def as_is(site: Path, args: argparse.Namespace) -> int:
+    """--as-is: the pairs on the lab that is up, after one run that converges it."""
+    import yaml
+
+    if not (INVENTORY / "hosts.yml").is_file():
+        print(f"fleet_bench: --as-is needs a bench lab kept up (--keep): no {INVENTORY / 'hosts.yml'}", file=sys.stderr)
+        return 2
+    children = yaml.safe_load((INVENTORY / "hosts.yml").read_text())["all"]["children"]
+    size = len({h for group in children.values() for h in (group or {}).get("hosts", {}) or {}})
+    RUNS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    try:
+        converge = playbook(site, f"asis-{stamp}-{size}-converge")
+        runs = measure(facts_playbook(), site, args.repeat, f"asis-{stamp}-{size}", 0, False)
+    except BenchError as exc:
+        print(f"fleet_bench: {exc}", file=sys.stderr)
+        return 2
+    facts = summary([r["wall"] for r in runs["facts"]])
+    noop = summary([r["wall"] for r in runs["noop"]])
+    results = {"size": size, "converge": converge["wall"], "facts": facts, "noop": noop,
+               "ratio": round(noop["median"] / facts["median"], 2), "memory": memory(),
+               "slowest_noop": slowest(runs["noop"]),
+               "not_noop": [r["changed"] for r in runs["noop"] if r["changed_total"]]}
+    out = RUNS / f"asis-{stamp}-{size}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{size} hosts: converging run {converge['wall']:.1f} s; facts-only {fmt(facts)}; no-op {fmt(noop)}; "
+          f"ratio {results['ratio']:.2f}")
+    for task in results["slowest_noop"]:
+        print(f"  {task['seconds']:6.2f} s  {task['task']}  [{task['play']}]")
+    if results["not_noop"]:
+        print("NOT A NO-OP: a re-run changed something (see the logs in .lab/bench_runs)")
+    log(f"results in {out}")
+    return 1 if results["not_noop"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -331,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the bench lab up afterwards")
     parser.add_argument("--gpu-max", type=int, metavar="N",
                         help="grow past N hosts with hosts of no service group instead of GPU nodes (cheaper to converge)")
+    parser.add_argument("--as-is", action="store_true",
+                        help="measure the bench lab that is up (from --keep), at its size, without bringing up or adding "
+                             "hosts: one converging run of site.yml (the inputs may have changed), then the interleaved pairs")
     parser.add_argument("--resume-at", type=int, metavar="N",
                         help="the bench lab is up and converged at N hosts, one of --sizes, and .lab/bench_runs holds an "
                              "earlier run's reports up to N (an interrupted run): take those, measure only the larger sizes")
@@ -343,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sizes must grow: each fleet adds GPU nodes to the one before")
 
     site = ROOT / "site.yml"
+    if args.as_is:
+        return as_is(site, args)
     if args.mitogen:
         try:
             mitogen_env()

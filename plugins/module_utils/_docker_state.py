@@ -72,14 +72,21 @@ class DockerState:
             self._conn.close()
             self._conn = None
 
-    def container(self, name: str) -> str:
-        status, body = self._get("/containers/%s/json" % quote(name, safe=""))
+    def _inspect(self, path: str) -> tuple[dict | None, str | None]:
+        """The object at ``path``, or what to say instead: absent, an error, why Docker was not asked."""
+        status, body = self._get(path)
         if self.problem is not None:
-            return self.problem
+            return None, self.problem
         if status == 404:
-            return "absent"
+            return None, "absent"
         if status != 200 or not isinstance(body, dict):
-            return "docker error %d" % status
+            return None, "docker error %d" % status
+        return body, None
+
+    def container(self, name: str) -> str:
+        body, instead = self._inspect("/containers/%s/json" % quote(name, safe=""))
+        if body is None:
+            return instead
         state = body.get("State") or {}
         policy = (body.get("HostConfig") or {}).get("RestartPolicy") or {}
         labels = (body.get("Config") or {}).get("Labels") or {}
@@ -87,14 +94,8 @@ class DockerState:
                                    json.dumps(labels, sort_keys=True, separators=(",", ":")))
 
     def image(self, reference: str) -> str:
-        status, body = self._get("/images/%s/json" % quote(reference, safe="/:@"))
-        if self.problem is not None:
-            return self.problem
-        if status == 404:
-            return "absent"
-        if status != 200 or not isinstance(body, dict):
-            return "docker error %d" % status
-        return str(body.get("Id"))
+        body, instead = self._inspect("/images/%s/json" % quote(reference, safe="/:@"))
+        return instead if body is None else str(body.get("Id"))
 
     def labelled(self, label: str) -> str:
         """The containers (all, running or not) carrying ``label``, by a digest of their names,
