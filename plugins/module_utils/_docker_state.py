@@ -34,7 +34,7 @@ class _UnixConnection(http.client.HTTPConnection):
 class DockerState:
     """Answers about containers and images; ``problem`` names why Docker could not be asked."""
 
-    def __init__(self, socket_path: str, timeout: float = 10.0) -> None:
+    def __init__(self, socket_path: str, timeout: float = 60.0) -> None:
         self._path = socket_path
         self._timeout = timeout
         self._conn: _UnixConnection | None = None
