@@ -76,7 +76,13 @@ def fleet_inputs(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) -> di
         raise AnsibleFilterError("fleet_inputs needs the inventory's groups: hostvars | fleet_inputs(groups['all'], groups)")
     if isinstance(hosts, str) or not hasattr(hosts, "__iter__"):
         raise AnsibleFilterError("fleet_inputs needs a list of hosts, for example groups['all']")
-    collected = {}
+    return fingerprint_parts(_collect(hostvars, hosts)[0], groups, plan, code_digest(_COLLECTION_ROOT))
+
+
+def _collect(hostvars: Any, hosts: Any) -> tuple[dict, dict]:
+    """Each host's inputs, and its variables as looked up for them (each lookup of
+    hostvars[host] computes all of the host's variables, so callers reuse these)."""
+    collected, looked_up = {}, {}
     for host in hosts:
         try:
             variables = hostvars[host]
@@ -84,7 +90,8 @@ def fleet_inputs(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) -> di
             continue
         raw = hostvars.raw_get(host) if hasattr(hostvars, "raw_get") else None
         collected[str(host)] = _host_inputs(variables, raw)
-    return fingerprint_parts(collected, groups, plan, code_digest(_COLLECTION_ROOT))
+        looked_up[str(host)] = variables
+    return collected, looked_up
 
 
 def fleet_fingerprint(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) -> str:
@@ -99,12 +106,8 @@ def fast_path_verdict(probe: Any, inputs: Any, fast_path: Any = True) -> dict:
     return verdict(probe, inputs, bool(fast_path))
 
 
-def _probe_of(hostvars: Any, host: str) -> Any:
-    try:
-        variables = hostvars[host]
-        return variables["__aphrodite_probe"] if "__aphrodite_probe" in variables else None
-    except KeyError:
-        return None
+def _probe_of(variables: Any) -> Any:
+    return variables["__aphrodite_probe"] if variables is not None and "__aphrodite_probe" in variables else None
 
 
 def _summary(hosts: list, verdicts: Mapping) -> list:
@@ -128,8 +131,10 @@ def fast_path_decision(hostvars: Any, hosts: Any, groups: Any, plan: Any = None,
     if not isinstance(groups, Mapping) or "all" not in groups:
         raise AnsibleFilterError("fast_path_decision needs the inventory's groups (groups)")
     hosts = [str(h) for h in hosts]
-    inputs = fleet_inputs(hostvars, groups["all"], groups, plan)
-    verdicts = {host: verdict(_probe_of(hostvars, host), inputs, bool(fast_path)) for host in hosts}
+    collected, looked_up = _collect(hostvars, groups["all"])
+    inputs = fingerprint_parts(collected, groups, plan, code_digest(_COLLECTION_ROOT))
+    # The probes from the same lookups as the inputs (a play's hosts are the inventory's).
+    verdicts = {host: verdict(_probe_of(looked_up.get(host)), inputs, bool(fast_path)) for host in hosts}
     return {
         "inputs": inputs,
         "verdicts": verdicts,
