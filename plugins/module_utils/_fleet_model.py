@@ -352,6 +352,12 @@ def fleet_model(plan: Optional[Mapping[str, Any]], hostvars: Mapping[str, Mappin
             raise FleetModelError(f"deployment {index} of the plan has no model id")
         for raw in deployment.get("replicas") or []:
             replicas.append(_replica(str(deployment["model"]), raw, hosts, default_maxconn, overrides))
+    # Each host's replicas (by name, in plan order): those a change of the host takes out of the pool.
+    for host in hosts.values():
+        host["replicas"] = []
+    for replica in replicas:
+        for node in replica["nodes"]:
+            hosts[node["host"]]["replicas"].append(replica["name"])
     try:
         backends = _edge.backends(plan, replicas, overrides)
         routes = _edge.routes(backends)

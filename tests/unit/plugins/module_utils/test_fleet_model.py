@@ -121,6 +121,14 @@ def test_multi_node_replica_has_ranks_addresses_and_its_master_port():
     assert (bge["nnodes"], bge["master_port"]) == (1, None)
 
 
+def test_each_host_names_the_replicas_it_has_a_part_of():
+    # A reboot of gpu2 takes llama-0 out of the pool, though its head is gpu1.
+    hosts = model()["hosts"]
+    assert {name: hosts[name]["replicas"] for name in hosts} == {
+        "gpu1": ["llama-0", "bge-0"], "gpu2": ["llama-0"], "lb1": [], "lb2": [], "mon1": []}
+    assert all(host["replicas"] == [] for host in model(plan())["hosts"].values())
+
+
 def test_multi_node_master_port_defaults_to_the_planners():
     the_plan = plan(("m/x", [replica("x-0", {"gpu1": [0], "gpu2": [0]}, 2242, "--nnodes", "2")]))
     assert model(the_plan)["replicas"][0]["master_port"] == PORTS["engine_master"] == 29501
