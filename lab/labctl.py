@@ -426,6 +426,10 @@ def start_host(lab: str, host: Host, image: str, network: str, key: Path) -> boo
         "run", "-d", "--name", host.name, "--hostname", host.name,
         "--network", network, "--ip", host.address,
         "--label", f"{LABEL}={lab}",
+        # A reboot from inside (systemctl reboot, ansible.builtin.reboot) ends the container's
+        # PID 1 with a signal, as reboot(2) does in a PID namespace: Docker starts it again,
+        # with a fresh /run, as a server boots.  `docker stop` stays a power-off.
+        "--restart", "on-failure",
         "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
         "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
         "--security-opt", "systempaths=unconfined",

@@ -93,8 +93,11 @@ def _included_files(task: dict, module: str, tasks_dir: Path) -> list[Path]:
     """The files an include or import may load; a templated name stands for every match."""
     args = task[module]
     if module.endswith("_role"):
-        role = args["name"].removeprefix(NAMESPACE)
-        return [ROOT / "roles" / role / "tasks" / f"{Path(args.get('tasks_from', 'main')).stem}.yml"]
+        role = re.sub(r"\{\{.*?\}\}", "*", args["name"].removeprefix(NAMESPACE))
+        tasks_from = Path(re.sub(r"\{\{.*?\}\}", "*", args.get("tasks_from", "main"))).stem
+        found = sorted((ROOT / "roles").glob(f"{role}/tasks/{tasks_from}.yml"))
+        assert found, f"{tasks_dir}: role {args['name']} tasks_from {args.get('tasks_from', 'main')} includes no file"
+        return found
     name = args if isinstance(args, str) else args["file"]
     pattern = re.sub(r"\{\{.*?\}\}", "*", name.removeprefix("tasks/"))
     found = sorted(tasks_dir.glob(pattern))

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -239,23 +238,9 @@ def test_loaded_branch_means_nothing_to_install(gpu_node):
     assert re.search(r"changed=0\s", run.stdout)
 
 
-def _restart(node) -> None:
-    """The node's reboot: its container restarts, /run (the loaded module) is empty again."""
-    subprocess.run(["docker", "restart", _name(node)], check=True, capture_output=True, timeout=120)
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            if node.run("systemctl is-system-running").stdout.strip() in ("running", "degraded"):
-                return
-        except RuntimeError:
-            pass  # sshd is not listening yet
-        assert time.monotonic() < deadline, "the node did not come back after its restart"
-        time.sleep(1)
-
-
 # Last, since it changes the node: the branch upgrade on the NVSwitch server, where
 # Fabric Manager must follow the driver to its exact version.
-def test_branch_upgrade_is_reported_in_check_mode_done_without_reboot_and_loaded_after_it(gpu_node):
+def test_branch_upgrade_is_reported_in_check_mode_held_and_rebooted_into_only_when_allowed(gpu_node, image):
     if not HARDWARE[_name(gpu_node)][1]:
         pytest.skip("once, on the NVSwitch server")
     name = _name(gpu_node)
@@ -281,7 +266,18 @@ def test_branch_upgrade_is_reported_in_check_mode_done_without_reboot_and_loaded
     # No reboot without nvidia_driver_reboot_ok: the old module is still the loaded one.
     assert gpu_node.run("nvidia-smi -L").rc == 18
 
-    _restart(gpu_node)
+    # With nvidia_driver_reboot_ok the GPU nodes' plays reboot it (nothing serves from it:
+    # no drain), wait for the new driver to answer and write the CDI spec of that driver.
+    boot = gpu_node.check_output("cut -d ' ' -f 22 /proc/1/stat")
+    reboot = _playbook(SCENARIO / "converge.yml", "--limit", name, "-e", "nvidia_driver_branch=570",
+                       "-e", "nvidia_driver_reboot_ok=true")
+    assert reboot.returncode == 0, reboot.stdout[-3000:]
+    assert "TASK [aphrodite.baremetal.nvidia_driver : Reboot " in reboot.stdout, reboot.stdout[-3000:]
+    assert gpu_node.check_output("cut -d ' ' -f 22 /proc/1/stat") != boot, "the node did not reboot"
+    with gpu_node.sudo():
+        out = gpu_node.check_output(f"docker run --rm --device nvidia.com/gpu=all {image} env")
+    assert re.search(rf"^LAB_DRIVER={re.escape(NEXT_DRIVER)}$", out, re.M), out
+
     after = _playbook(SCENARIO / "other_branch.yml", "--limit", name)
     assert after.returncode == 0, after.stdout[-3000:]
     assert f"branch 570 is loaded ({NEXT_DRIVER}): nothing to install" in after.stdout

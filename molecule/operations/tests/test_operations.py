@@ -2,8 +2,9 @@
 
 A real OpenAI client sends concurrent short chat completions and 5-second streams to the
 load balancer while the scenario runs (a) deploy after a model-setting change, (b) a
-rolling restart, (c) an upgrade to another image tag and (d) an upgrade to an image that
-never becomes healthy, which must stop at the canary.  Every request must succeed and
+rolling restart, (c) an upgrade to another image tag, (d) a reboot of a GPU node
+(playbooks/reboot.yml) and (e) an upgrade to an image that never becomes healthy, which
+must stop at the canary.  Every request must succeed and
 every stream must end with ``data: [DONE]``.  Each operation's duration is reported
 against replicas x (drain + restart + warm-up).
 
@@ -261,6 +262,18 @@ def started_at(host, node: str, replica: str) -> float:
     return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float(f"0.{fraction or 0}")
 
 
+def _reboot_candidate(parts: dict, multi: list[str]) -> str:
+    """A GPU node with rank 1 of a multi-node replica whose reboot leaves every model a replica."""
+    models = {replica: (BIG if replica in multi else MODEL) for replica, _ in parts}
+    for (replica, rank), (_, _, node) in sorted(parts.items()):
+        if rank != 1:
+            continue
+        down = {r for (r, _), (_, _, where) in parts.items() if where == node}
+        if all(set(r for r, m in models.items() if m == model) - down for model in (MODEL, BIG)):
+            return node
+    raise AssertionError(f"no node to reboot leaves every model a replica: {parts}")
+
+
 def test_operations_lose_no_request(host, load) -> None:
     before = containers(host)
     assert len(before) == CONTAINERS, sorted(before)
@@ -307,7 +320,29 @@ def test_operations_lose_no_request(host, load) -> None:
         worker, head = ranks_started(host, upgraded, replica)
         assert started - 1 <= worker <= head, f"{replica}: rank 1 started at {worker}, the head at {head}, the upgrade at {started}"
 
-    # (d) an image that never becomes healthy: the canary fails and stays out; the rest serve.
+    # (d) a GPU node reboots (playbooks/reboot.yml): the node that holds rank 1 of a multi-node
+    # replica and, of each model, not every replica.  Its replicas (the multi-node one, whose
+    # head runs elsewhere, included) are drained first and come back on the rebooted node.
+    node = _reboot_candidate(upgraded, multi)
+    on_node = sorted({replica for (replica, _), (_, _, where) in upgraded.items() if where == node})
+    boot = gpu_host(host, node).check_output("cut -d ' ' -f 22 /proc/1/stat")
+    (EPHEMERAL / "reboot.json").write_text(json.dumps({"aphrodite_reboot_nodes": [node]}))
+    started = time.time()
+    with StateWatch(host, on_node) as watch:
+        rc, seconds, out = playbook(PROJECT / "playbooks" / "reboot.yml", "-e", f"@{EPHEMERAL / 'reboot.json'}")
+    assert rc == 0, out
+    _record("reboot", seconds, replicas=len(on_node))
+    REPORT["reboot"].update(node=node, replicas=on_node, haproxy_states=watch.seen)
+    assert gpu_host(host, node).check_output("cut -d ' ' -f 22 /proc/1/stat") != boot, f"{node} did not reboot"
+    for replica, seen in watch.seen.items():
+        assert "MAINT" in seen and seen[-1] == "UP", (replica, seen)
+    rebooted = containers(host)
+    assert set(rebooted) == set(upgraded), rebooted
+    for (replica, rank), (_, _, where) in rebooted.items():
+        if replica in on_node:
+            assert started_at(host, where, replica) >= started - 1, f"{replica} rank {rank} on {where} did not restart"
+
+    # (e) an image that never becomes healthy: the canary fails and stays out; the rest serve.
     rc, seconds, out = playbook(PROJECT / "playbooks" / "rolling.yml", "-e", "aphrodite_rolling_action=upgrade",
                                 "-e", "engine_image=aphrodite-standin:never-healthy-lab",
                                 "-e", f"engine_image_archive={images / 'aphrodite-standin-never-healthy-lab.tar'}",
@@ -323,7 +358,7 @@ def test_operations_lose_no_request(host, load) -> None:
     assert sorted(states.values()) == ["MAINT"] + ["UP"] * (REPLICAS - 1), states
     assert states[next(iter(canaries))] == "MAINT", states
     REPORT["failed_upgrade"]["canary"] = next(iter(canaries))
-    time.sleep(STREAM_TOKENS * 0.05 + 2)  # streams started before (d) finished end on the healthy replicas
+    time.sleep(STREAM_TOKENS * 0.05 + 2)  # streams started before (e) finished end on the healthy replicas
 
     for each in (load, load.big):
         assert each.counts["stream_ok"] > 0 and each.counts["short_ok"] > 0, each.counts
