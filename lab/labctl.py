@@ -426,10 +426,6 @@ def start_host(lab: str, host: Host, image: str, network: str, key: Path) -> boo
         "run", "-d", "--name", host.name, "--hostname", host.name,
         "--network", network, "--ip", host.address,
         "--label", f"{LABEL}={lab}",
-        # A reboot from inside (systemctl reboot, ansible.builtin.reboot) ends the container's
-        # PID 1 with a signal, as reboot(2) does in a PID namespace: Docker starts it again,
-        # with a fresh /run, as a server boots.  `docker stop` stays a power-off.
-        "--restart", "on-failure",
         "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
         "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
         "--security-opt", "systempaths=unconfined",
@@ -512,6 +508,50 @@ def wait_running(hosts: list[Host], timeout: float = 60.0) -> None:
             time.sleep(0.5)
 
 
+# A lab host rebooted from inside (systemctl reboot, ansible.builtin.reboot) ends its PID 1
+# by SIGHUP, as reboot(2) does in a PID namespace: the container exits with 129; powered off,
+# by SIGINT (130).  No restart policy tells those apart, so a watcher of Docker's events
+# plays the server's firmware: it starts a host again that ended by a reboot (with an
+# empty /run, as a server boots); one powered off, or stopped with `docker stop`, stays off.
+REBOOT_EXIT = "129"
+WATCHER_PID = STATE_ROOT / "run" / "reboot-watcher.pid"
+
+
+def ensure_reboot_watcher() -> None:
+    if pkgrepo.daemon_pid(WATCHER_PID) is not None:
+        return
+    WATCHER_PID.parent.mkdir(parents=True, exist_ok=True)
+    with (WATCHER_PID.parent / "reboot-watcher.log").open("ab") as log:
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "reboot-watcher"],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    WATCHER_PID.write_text(f"{proc.pid}\n")
+
+
+def reboot_watcher() -> int:
+    """Start again every lab host whose PID 1 ended by a reboot; runs until SIGTERM."""
+    events = subprocess.Popen(["docker", "events", "--filter", "type=container", "--filter", "event=die",
+                               "--filter", f"label={LABEL}", "--format", "{{json .Actor.Attributes}}"],
+                              stdout=subprocess.PIPE, text=True)
+
+    def stop(*_: object) -> None:
+        events.terminate()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    assert events.stdout is not None
+    for line in events.stdout:
+        try:
+            attributes = json.loads(line)
+        except ValueError:
+            continue
+        if attributes.get("exitCode") == REBOOT_EXIT and attributes.get("name"):
+            started = run(["docker", "start", attributes["name"]], check=False)
+            print(f"{time.strftime('%H:%M:%S')} {attributes['name']} rebooted: "
+                  f"{'started again' if started.returncode == 0 else started.stderr.decode().strip()}", flush=True)
+    return events.wait()
+
+
 def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     image = build_image()
     for host in hosts:
@@ -530,6 +570,7 @@ def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     ensure_package_cache()
     if repo is not None:
         pkgrepo.ensure_served(repo, lab_gateways())
+    ensure_reboot_watcher()
     created = [h for h in hosts if start_host(lab, h, image, names["network"], key)]
     wait_running(hosts)
     wait_ssh(hosts)
@@ -622,6 +663,7 @@ def down(lab: str | None) -> None:
     if not lab_gateways():
         stop_package_cache()  # its cache stays in .lab/apt-cache for the next lab
         pkgrepo.stop()  # and the package repository in .lab/pkg-repo
+        pkgrepo.stop_daemon(WATCHER_PID)
     stop_ssh_masters(addresses)
     if lab:
         shutil.rmtree(STATE_ROOT / lab, ignore_errors=True)
@@ -669,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     p_net = sub.add_parser("net", help="make a lab's network (no hosts) and serve the package cache on it")
     p_net.add_argument("--lab", required=True)
     p_net.add_argument("--subnet", required=True)
+    sub.add_parser("reboot-watcher", help="start again the lab hosts rebooted from inside (labctl up runs it)")
     p_st = sub.add_parser("status", help="list lab hosts")
     p_st.add_argument("--lab")
     p_down = sub.add_parser("down", help="remove hosts, volumes, networks and state")
@@ -709,6 +752,8 @@ def main(argv: list[str] | None = None) -> int:
             prepare_network(args.lab, args.subnet)
         elif args.cmd == "status":
             return status(args.lab)
+        elif args.cmd == "reboot-watcher":
+            return reboot_watcher()
         elif args.cmd == "down":
             down(None if args.all else args.lab)
     except (LabError, pkgrepo.RepoError) as exc:

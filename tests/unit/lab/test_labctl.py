@@ -69,3 +69,33 @@ def test_gpu_hardware_fixtures_name_recorded_files_and_unknown_ones_are_refused(
     assert labctl.hardware_file("h100x8-nvswitch").name == "h100x8-nvswitch.json"
     with pytest.raises(labctl.LabError, match="use one of h100x8-nvswitch, l40s-pcie"):
         labctl.hardware_file("h100x9")
+
+
+def test_the_reboot_watcher_starts_only_hosts_that_ended_by_a_reboot(monkeypatch) -> None:
+    """Exit 129 (SIGHUP: reboot(2) in a PID namespace) starts the host again; a power-off
+    (130), `docker stop` (0 or 137) or an unreadable event does not."""
+    events = [{"name": "gpu1", "exitCode": "129"}, {"name": "fw-gpu1", "exitCode": "130"},
+              {"name": "lb1", "exitCode": "137"}, {"name": "nfs1", "exitCode": "0"}]
+
+    class Events:
+        def __init__(self, argv, **_):
+            assert argv[:2] == ["docker", "events"] and f"label={labctl.LABEL}" in argv and "event=die" in argv
+            self.stdout = iter(["not json\n"] + [f"{labctl.json.dumps(e)}\n" for e in events])
+
+        def wait(self):
+            return 0
+
+        def terminate(self):
+            pass
+
+    started = []
+
+    class Done:
+        returncode = 0
+        stderr = b""
+
+    monkeypatch.setattr(labctl.subprocess, "Popen", Events)
+    monkeypatch.setattr(labctl, "run", lambda argv, check=True: started.append(argv) or Done())
+    monkeypatch.setattr(labctl.signal, "signal", lambda *_: None)
+    assert labctl.reboot_watcher() == 0
+    assert started == [["docker", "start", "gpu1"]]
