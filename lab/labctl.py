@@ -12,7 +12,10 @@ CDI spec naming those devices.  The roles never know the difference.  A GPU node
 given a hardware fixture (``--gpu-hardware NAME=PROFILE``, or ``lab_gpu_hardware``
 in the inventory) has neither: only its PCI bus (lspci) is recorded, and the roles
 install the driver, Fabric Manager, the container toolkit and Docker CE from the
-lab package repository (lab/pkgrepo.py), which labctl then builds and serves.
+lab package repository (lab/pkgrepo.py), which labctl then builds and serves.  Such
+a host is made with an apt source of that repository's kernel headers already in
+place, as a server has its distribution's archive (the lab shares this machine's
+kernel, whose headers Debian's archive lacks).
 
 Usage::
 
@@ -349,15 +352,56 @@ CACHE_DIR = STATE_ROOT / "apt-cache"
 CACHE_USER = "apt-cacher-ng"
 
 
+def bridge_addresses(net_id: str) -> set[str]:
+    """This machine's addresses on a lab network: the gateway of its hosts."""
+    # Docker names a bridge network's interface br-<first 12 of its id>; its address is
+    # the gateway, which `network inspect` leaves out when Docker picked it.
+    out = run(["ip", "-4", "-o", "addr", "show", "dev", f"br-{net_id[:12]}"], check=False).stdout.decode()
+    return {m.group(1) for m in re.finditer(r"\binet (\d+\.\d+\.\d+\.\d+)/", out)}
+
+
 def lab_gateways() -> list[str]:
     """This machine's address on each lab network (the hosts' default gateway)."""
     found = set()
     for net in docker("network", "ls", "-q", "--no-trunc", "--filter", f"label={LABEL}").split():
-        # Docker names a bridge network's interface br-<first 12 of its id>; its address is
-        # the gateway, which `network inspect` leaves out when Docker picked it.
-        out = run(["ip", "-4", "-o", "addr", "show", "dev", f"br-{net[:12]}"], check=False).stdout.decode()
-        found.update(m.group(1) for m in re.finditer(r"\binet (\d+\.\d+\.\d+\.\d+)/", out))
+        found |= bridge_addresses(net)
     return sorted(found)
+
+
+def network_gateway(network: str) -> str:
+    found = sorted(bridge_addresses(docker("network", "inspect", "-f", "{{.Id}}", network)))
+    if not found:
+        raise LabError(f"network {network} has no gateway address on this machine; `labctl down` its lab and retry")
+    return found[0]
+
+
+def kernel_archive(state: Path, gateway: str, repo: Path) -> Path:
+    """The apt source of the running kernel's headers, for hosts whose driver the roles install.
+
+    The lab hosts run this machine's kernel, whose headers Debian's archive lacks; on a
+    server they come from the distribution's archive, configured before any role runs.
+    So such a host is made with this source in place, as its image has Debian's: the lab
+    package repository's ``kernel/`` archive, signed with its key.  Returns a directory
+    laid out like /etc/apt, copied into the host when it is made: plain files of the
+    host, which a test may remove like a server's.
+    """
+    etc_apt = state / "etc-apt"
+    (etc_apt / "keyrings").mkdir(parents=True, exist_ok=True)
+    (etc_apt / "sources.list.d").mkdir(parents=True, exist_ok=True)
+    key = etc_apt / "keyrings" / "lab-kernel.asc"
+    shutil.copyfile(repo / "kernel" / "key.asc", key)
+    sources = etc_apt / "sources.list.d" / "lab-kernel.sources"
+    sources.write_text(
+        "# The running kernel's headers, served by the lab package repository (lab/pkgrepo.py).\n"
+        "Types: deb\n"
+        f"URIs: http://{gateway}:{pkgrepo.PORT}/kernel/\n"
+        "Suites: /\n"
+        "Signed-By: /etc/apt/keyrings/lab-kernel.asc\n")
+    for path in (etc_apt, etc_apt / "keyrings", etc_apt / "sources.list.d"):
+        path.chmod(0o755)
+    for path in (key, sources):
+        path.chmod(0o644)
+    return etc_apt
 
 
 def _cache_pid() -> int | None:
@@ -414,8 +458,12 @@ def container_state(name: str) -> str | None:
     return proc.stdout.decode().strip() if proc.returncode == 0 else None
 
 
-def start_host(lab: str, host: Host, image: str, network: str, key: Path) -> bool:
-    """Create and start one host container; returns True when it was created."""
+def start_host(lab: str, host: Host, image: str, network: str, key: Path,
+               etc_apt: Path | None = None) -> bool:
+    """Create and start one host container; returns True when it was created.
+
+    ``etc_apt``: files copied into the new host's /etc/apt (:func:`kernel_archive`).
+    """
     state = container_state(host.name)
     if state == "running":
         return False
@@ -447,6 +495,8 @@ def start_host(lab: str, host: Host, image: str, network: str, key: Path) -> boo
                 "-v", f"{gpu / 'nvidia-smi'}:/usr/local/bin/nvidia-smi:ro",
                 "-v", f"{gpu / 'cdi-lab.yaml'}:/etc/cdi/lab-gpus.yaml:ro"]
     docker(*cmd, image, "/sbin/init")
+    if etc_apt is not None:
+        docker("cp", f"{etc_apt}/.", f"{host.name}:/etc/apt/")
     return True
 
 
@@ -571,7 +621,9 @@ def up(lab: str, hosts: list[Host], subnet: str) -> dict:
     if repo is not None:
         pkgrepo.ensure_served(repo, lab_gateways())
     ensure_reboot_watcher()
-    created = [h for h in hosts if start_host(lab, h, image, names["network"], key)]
+    etc_apt = kernel_archive(state, network_gateway(names["network"]), repo) if repo is not None else None
+    created = [h for h in hosts if start_host(lab, h, image, names["network"], key,
+                                              etc_apt if h.hardware else None)]
     wait_running(hosts)
     wait_ssh(hosts)
     known = write_known_hosts(state, hosts)

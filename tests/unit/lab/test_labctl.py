@@ -71,6 +71,26 @@ def test_gpu_hardware_fixtures_name_recorded_files_and_unknown_ones_are_refused(
         labctl.hardware_file("h100x9")
 
 
+def test_the_kernel_archive_is_an_apt_source_on_the_lab_gateway_signed_by_the_repository_key(tmp_path: Path) -> None:
+    repo = tmp_path / "www"
+    (repo / "kernel").mkdir(parents=True)
+    (repo / "kernel" / "key.asc").write_text("-----BEGIN PGP PUBLIC KEY BLOCK-----\nlab\n")
+    etc_apt = labctl.kernel_archive(tmp_path / "state", "172.28.10.1", repo)
+    copied = sorted(str(p.relative_to(etc_apt)) for p in etc_apt.rglob("*") if p.is_file())
+    # Laid out like /etc/apt, and nothing else: `docker cp` merges it into the host's.
+    assert copied == ["keyrings/lab-kernel.asc", "sources.list.d/lab-kernel.sources"]
+    sources = (etc_apt / "sources.list.d" / "lab-kernel.sources").read_text()
+    fields = dict(line.split(": ", 1) for line in sources.splitlines() if not line.startswith("#"))
+    assert fields == {"Types": "deb", "URIs": f"http://172.28.10.1:{labctl.pkgrepo.PORT}/kernel/", "Suites": "/",
+                      "Signed-By": "/etc/apt/keyrings/lab-kernel.asc"}
+    assert (etc_apt / "keyrings" / "lab-kernel.asc").read_text().startswith("-----BEGIN PGP PUBLIC KEY BLOCK-----")
+    for path in (etc_apt / "keyrings" / "lab-kernel.asc", etc_apt / "sources.list.d" / "lab-kernel.sources"):
+        assert path.stat().st_mode & 0o777 == 0o644
+    # Made again for the next host or lab on another gateway: the source follows.
+    again = labctl.kernel_archive(tmp_path / "state", "172.28.30.1", repo)
+    assert "URIs: http://172.28.30.1:" in (again / "sources.list.d" / "lab-kernel.sources").read_text()
+
+
 def test_the_reboot_watcher_starts_only_hosts_that_ended_by_a_reboot(monkeypatch) -> None:
     """Exit 129 (SIGHUP: reboot(2) in a PID namespace) starts the host again; a power-off
     (130), `docker stop` (0 or 137) or an unreadable event does not."""
