@@ -1,9 +1,11 @@
 # Copyright: aphrodite.baremetal contributors
 # Apache License 2.0 (see LICENSE)
-"""Filters exposing the fleet planner to playbooks (documented in plan_fleet.yml, host_replicas.yml)."""
+"""Filters exposing the fleet planner to playbooks (documented in plan_fleet.yml, host_replicas.yml,
+gpu_facts_of.yml, gpu_facts_changed.yml)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,8 +64,36 @@ def host_replicas(plan: Any, host: str) -> list:
     return result
 
 
+def _gpu_facts(hostvars: Any, host: str) -> Any:
+    try:
+        variables = hostvars[host]
+    except KeyError:
+        return None
+    facts = variables["ansible_facts"] if "ansible_facts" in variables else {}
+    gpus = facts.get("aphrodite_gpus") if isinstance(facts, Mapping) else None
+    if gpus is None:
+        return None
+    # Plain data: a snapshot that later fact updates of the host do not reach.
+    return json.loads(json.dumps(gpus, default=str))
+
+
+def gpu_facts_of(hostvars: Any, hosts: Any) -> dict:
+    """The ``aphrodite_gpus`` fact of each of ``hosts`` as it is now (None where there is none)."""
+    if isinstance(hosts, str) or not hasattr(hosts, "__iter__"):
+        raise AnsibleFilterError("gpu_facts_of needs a list of hosts, for example groups['gpu_nodes']")
+    return {str(host): _gpu_facts(hostvars, str(host)) for host in hosts}
+
+
+def gpu_facts_changed(hostvars: Any, baseline: Any) -> list:
+    """The hosts of ``baseline`` (a result of gpu_facts_of) whose GPU facts differ from it now."""
+    if not isinstance(baseline, Mapping):
+        raise AnsibleFilterError("gpu_facts_changed needs the GPU facts to compare with, as gpu_facts_of returned them")
+    return sorted(host for host, before in baseline.items() if _gpu_facts(hostvars, str(host)) != before)
+
+
 class FilterModule:
     """aphrodite.baremetal planner filters."""
 
     def filters(self) -> dict:
-        return {"plan_fleet": plan_fleet, "host_replicas": host_replicas}
+        return {"plan_fleet": plan_fleet, "host_replicas": host_replicas, "gpu_facts_of": gpu_facts_of,
+                "gpu_facts_changed": gpu_facts_changed}

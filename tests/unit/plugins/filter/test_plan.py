@@ -34,7 +34,30 @@ def models(*names, **options):
 
 
 def test_filters_are_registered():
-    assert set(plan_filter.FilterModule().filters()) == {"plan_fleet", "host_replicas"}
+    assert set(plan_filter.FilterModule().filters()) == {"plan_fleet", "host_replicas", "gpu_facts_of",
+                                                         "gpu_facts_changed"}
+
+
+def test_gpu_facts_changed_names_the_nodes_whose_driver_changed_what_they_report():
+    lspci = {"source": "lspci", "count": 8, "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3"}]}
+    smi = {"source": "nvidia-smi", "count": 8, "driver_version": "550.90.07",
+           "gpus": [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_mib": 81559}]}
+    before = hostvars(gpu1={"ansible_facts": {"aphrodite_gpus": lspci}},
+                      gpu2={"ansible_facts": {"aphrodite_gpus": smi}})
+    planned = plan_filter.gpu_facts_of(before, ["gpu1", "gpu2", "lb1", "gone"])
+    assert planned == {"gpu1": lspci, "gpu2": smi, "lb1": None, "gone": None}
+    # A snapshot: the facts of the host may change in place afterwards.
+    before["gpu2"]["ansible_facts"]["aphrodite_gpus"]["driver_version"] = "570.172.08"
+    assert planned["gpu2"]["driver_version"] == "550.90.07"
+    assert plan_filter.gpu_facts_changed(before, planned) == ["gpu2"]
+    # The driver installed on gpu1: nvidia-smi answers where lspci did.
+    after = hostvars(gpu1={"ansible_facts": {"aphrodite_gpus": smi}}, gpu2={"ansible_facts": {"aphrodite_gpus": smi}})
+    assert plan_filter.gpu_facts_changed(after, planned) == ["gpu1", "gpu2"]
+    assert plan_filter.gpu_facts_changed(after, plan_filter.gpu_facts_of(after, ["gpu1", "gpu2"])) == []
+    with pytest.raises(AnsibleFilterError, match="as gpu_facts_of returned them"):
+        plan_filter.gpu_facts_changed(after, None)
+    with pytest.raises(AnsibleFilterError, match="list of hosts"):
+        plan_filter.gpu_facts_of(after, "gpu1")
 
 
 def test_plan_fleet_returns_the_json_contract():
