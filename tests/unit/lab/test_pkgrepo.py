@@ -207,6 +207,25 @@ def test_nvidia_ctk_cdi_generate_fails_when_the_driver_does_not_answer(tmp_path:
     assert "failed to initialize NVML: ERROR_DRIVER_NOT_LOADED" in proc.stderr
 
 
+def test_nvidia_ctk_cdi_spec_names_each_gpu_the_driver_and_the_gpu_model(tmp_path: Path) -> None:
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n"
+                    "case \"$*\" in *nounits*) ;; *) echo 'memory.total needs nounits here' >&2; exit 2;; esac\n"
+                    "echo '0, GPU-aaaa, 570.172.08, NVIDIA L40S, 46068'\n"
+                    "echo '1, GPU-bbbb, 570.172.08, NVIDIA L40S, 46068'\n")
+    fake.chmod(0o755)
+    proc = subprocess.run([sys.executable, str(ROOT / "lab" / "fixtures" / "gpu" / "packages" / "nvidia-ctk"),
+                           "cdi", "generate", "--format=json"], capture_output=True, text=True, check=False,
+                          env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    spec = json.loads(proc.stdout)
+    assert {d["name"]: d["containerEdits"]["env"] for d in spec["devices"]} == {
+        "0": ["LAB_GPU_0=present"], "1": ["LAB_GPU_1=present"], "GPU-aaaa": ["LAB_GPU_0=present"],
+        "GPU-bbbb": ["LAB_GPU_1=present"], "all": ["LAB_GPU_0=present", "LAB_GPU_1=present"]}
+    assert spec["containerEdits"]["env"] == ["LAB_CDI=aphrodite-lab", "LAB_DRIVER=570.172.08",
+                                             "LAB_GPU_MODEL=NVIDIA L40S", "LAB_GPU_MEMORY_MIB=46068"]
+
+
 def test_a_running_lab_daemon_restarts_only_for_a_gateway_it_does_not_bind(tmp_path: Path, monkeypatch) -> None:
     binds = tmp_path / "binds"
     binds.write_text("172.28.20.1 172.28.30.1\n")

@@ -273,6 +273,22 @@ def test_dcgm_standin_serves_the_real_names_for_each_cdi_gpu():
     assert [line.rsplit(" ", 1)[1] for line in xid] == ["0", "0"]
 
 
+def test_dcgm_standin_reports_the_gpus_and_driver_its_cdi_spec_names():
+    proc, port = _serve_standin({"LAB_GPU_0": "present", "LAB_DRIVER": "570.172.08",
+                                 "LAB_GPU_MODEL": "NVIDIA L40S", "LAB_GPU_MEMORY_MIB": "46068"})
+    try:
+        text = _scrape(port, proc)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    samples = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert all('modelName="NVIDIA L40S"' in line and 'DCGM_FI_DRIVER_VERSION="570.172.08"' in line
+               for line in samples)
+    memory = {line.split("{", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in samples
+              if line.startswith(("DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED"))}
+    assert memory["DCGM_FI_DEV_FB_USED"] + memory["DCGM_FI_DEV_FB_FREE"] < 46068 <= sum(memory.values()) + 1024
+
+
 @pytest.mark.parametrize(("env", "args", "rc", "message"), [
     ({}, (), 1, "no GPUs found"),
     ({"LAB_GPU_0": "present"}, ("--no-such-flag",), 2, "flag provided but not defined: --no-such-flag"),
