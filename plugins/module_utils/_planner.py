@@ -693,15 +693,29 @@ class _ModelPlanner:
         return self._place_multi() if self.multi_node else self._place_single()
 
     def _place_single(self) -> bool:
-        """Place one replica on the host with the most free GPUs (ties: inventory order).
+        """Place one replica on the host with the most free GPUs (ties: inventory order), but
+        never every replica of a model on one host while another host can take one.
 
         On hosts of one size, replicas spread across hosts, so losing one host takes as few
-        replicas of a model as possible; where sizes differ, the larger host takes replicas
+        replicas of a model as possible.  Where sizes differ, the larger host takes replicas
         until it has no more free GPUs than the others (an 8-GPU host listed before a 5-GPU
-        one takes the first four single-GPU replicas).  Spreading by replica count instead leaves GPUs idle
-        that this packs (inventories/prod: 8 idle GPUs instead of 2).  Filling the fleet ends
-        with the same GPUs used either way.
+        one takes the first four single-GPU replicas), except that a model's second replica
+        goes to another host if one can take it: otherwise one host's reboot or failure
+        would take the model down.  Spreading by replica count all the way leaves GPUs idle
+        that this packs (inventories/prod: 4 idle GPUs instead of 2, one 4-GPU replica of the
+        70B fewer).  Filling the fleet ends with the same GPUs used either way.
         """
+        heads = {replica.head for replica in self.replicas}
+        if len(heads) == 1:
+            for host in sorted((h for h in self.hosts if h.host not in heads),
+                               key=lambda h: -self.state.free_count[h.host]):
+                shape = self.single_node_shape(host)
+                if shape is None or self.state.free_count[host.host] < shape.tp:
+                    continue
+                block = _find_block(host, self.state.free[host.host], shape.tp)
+                if block is not None:
+                    self._add([(host, block)], shape)
+                    return True
         heap = self._single_heap
         if heap is None:
             heap = [(-self.state.free_count[h.host], order, h) for order, h in enumerate(self.hosts)]

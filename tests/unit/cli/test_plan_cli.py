@@ -94,13 +94,18 @@ def test_table_by_default(fleet):
     assert [row[0] for row in rows] == ["llama-3-1-70b-0", "llama-3-1-70b-1"] + [f"llama-3-1-8b-{i}" for i in range(4)]
     assert rows[0][1:6] == ["meta-llama/Llama-3.1-70B-Instruct", "4", "1", "gpu1[0-3]", "2242"]
     assert rows[0][-2:] == ["245", "~6,701"]  # est. concurrency and decode tokens/s of the replica
-    assert rows[-1][4] == "gpu2[3]"  # host_vars/gpu2.yml declares 4 GPUs
+    # The 70B's second replica on the other host, never both on one: host_vars/gpu2.yml
+    # declares its 4 GPUs; the 8B fills what is left of gpu1.
+    assert rows[1][4:6] == ["gpu2[0-3]", "2242"]
+    assert [row[4] for row in rows[2:]] == [f"gpu1[{i}]" for i in range(4, 8)]
     assert "Idle GPUs: gpu1: none; gpu2: none" in lines
     assert "aphrodite run --model meta-llama/Llama-3.1-70B-Instruct --tensor-parallel-size 4" in result.stdout
     # Why TP 4: the compared layouts, the chosen one first and starred.
-    compared = lines[lines.index("Layouts compared for meta-llama/Llama-3.1-70B-Instruct (objective throughput: tokens/s per host):") + 1:][:3]
-    assert [line.split(",")[0].strip() for line in compared] == ["* TP 4", "TP 2", "TP 8"]
-    assert "36,480 KV tokens, 17 seqs" in compared[1]
+    # Both hosts run a replica of it, so the layouts of both kinds of host (8 and 4 GPUs).
+    compared = lines[lines.index("Layouts compared for meta-llama/Llama-3.1-70B-Instruct (objective throughput: tokens/s per host):") + 1:][:5]
+    assert [line.split(",")[0].strip() for line in compared] == ["* TP 4", "* TP 4", "TP 2", "TP 8", "TP 2"]
+    assert "2 per host" in compared[0] and "1 per host" in compared[1]
+    assert "36,480 KV tokens, 17 seqs" in compared[2]
     assert result.stderr == ""
 
 
@@ -119,7 +124,9 @@ def test_json_is_exactly_the_contract(fleet):
     assert [d["objective"] for d in plan["deployments"]] == ["throughput"] * 2
     layouts = plan["deployments"][0]["layouts"]
     assert all(sorted(layout) == LAYOUT_KEYS for layout in layouts)
-    assert [(layout["tensor_parallel_size"], layout["chosen"]) for layout in layouts] == [(2, False), (4, True), (8, False)]
+    # Those of gpu1's kind (8 GPUs), then gpu2's (4): the 70B runs on both.
+    assert [(layout["tensor_parallel_size"], layout["replicas_per_host"], layout["chosen"]) for layout in layouts] == [
+        (2, 4, False), (4, 2, True), (8, 1, False), (2, 2, False), (4, 1, True)]
     first = plan["deployments"][0]["replicas"][0]
     assert sorted(first) == REPLICA_KEYS
     assert first["name"] == "llama-3-1-70b-0" and first["head"] == "gpu1"

@@ -189,9 +189,9 @@ def test_filters_in_a_playbook_honour_group_and_host_vars(playbook_dir):
     assert "WARNING" not in result.stdout + result.stderr
     saved = json.loads((playbook_dir / "plan.json").read_text())
     assert len(saved["plan"]["deployments"][0]["replicas"]) == 10  # 8 on gpu1, 2 on gpu2 (its host_vars)
-    # Replicas go to the host with the most free GPUs, ties to the first in the inventory:
-    # gpu1 takes replicas 0-6 (down to 1 free), then the two hosts alternate.
-    assert [r["name"] for r in saved["gpu2"]] == ["llama-3-1-8b-7", "llama-3-1-8b-9"]
+    # Replicas go to the host with the most free GPUs, ties to the first in the inventory,
+    # but the second never to the host of the first: gpu1, gpu2, then gpu1 down to one free.
+    assert [r["name"] for r in saved["gpu2"]] == ["llama-3-1-8b-1", "llama-3-1-8b-9"]
     assert saved["gpu2"][0]["argv"][-2:] == ["--port", "2242"]
 
 

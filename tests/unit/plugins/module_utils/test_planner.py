@@ -186,10 +186,14 @@ def test_replicas_spread_across_hosts_so_one_host_down_keeps_the_model_up():
     assert sorted(r.head for r in replicas_of(result, 0)) == ["gpu1", "gpu1", "gpu2"]
 
 
-def test_the_host_with_more_free_gpus_takes_the_next_replica():
+def test_the_host_with_more_free_gpus_takes_the_next_replica_but_never_every_one():
     result = plan({"gpu1": H100X8, "gpu2": RTX4090X2}, model("llama-3.1-8b-instruct", replicas=4))
-    # gpu1 starts with 8 free, gpu2 with 2: gpu1 keeps the lead until it has 2 left too.
-    assert [r.head for r in replicas_of(result, 0)] == ["gpu1"] * 4
+    # gpu1 starts with 8 free, gpu2 with 2: the second replica goes to gpu2 all the same, so
+    # that losing gpu1 leaves the model up; then gpu1 keeps the lead.
+    assert [r.head for r in replicas_of(result, 0)] == ["gpu1", "gpu2", "gpu1", "gpu1"]
+    # Where no other host can take one, they all share the one that can.
+    result = plan({"gpu1": H100X8, "gpu2": RTX4090X2}, model("llama-3.1-70b-instruct", replicas=2))
+    assert [r.head for r in replicas_of(result, 0)] == ["gpu1", "gpu1"]
 
 
 def test_a_model_that_finds_no_free_gpu_is_an_error_not_a_silent_omission():
