@@ -9,7 +9,9 @@ one place, instead of in every role's Jinja:
 - ``hosts``: every inventory host's private address (:func:`host_address`; the one place
   that decides it), the same address as written in ``host:port`` (``url_host``: IPv6 in
   brackets), its groups, and the ports its services listen on (:data:`PORTS`, each
-  overridable per host by the variable in :data:`PORT_VARIABLES`);
+  overridable per host by the variable in :data:`PORT_VARIABLES`); its replicas (those
+  with a part on it) and ``sole_models``, the models every replica of which has a part on
+  it (its maintenance would take them down);
 - ``replicas``: per engine replica its served names (``--served-model-name`` else the model
   id, plus LoRA adapter names of ``--lora-modules``), endpoints (from the model's task),
   head address and port, HAProxy ``maxconn``, node ranks and master port;
@@ -352,12 +354,23 @@ def fleet_model(plan: Optional[Mapping[str, Any]], hostvars: Mapping[str, Mappin
             raise FleetModelError(f"deployment {index} of the plan has no model id")
         for raw in deployment.get("replicas") or []:
             replicas.append(_replica(str(deployment["model"]), raw, hosts, default_maxconn, overrides))
-    # Each host's replicas (by name, in plan order): those a change of the host takes out of the pool.
+    # Each host's replicas (by name, in plan order): those a change of the host takes out of the pool;
+    # and the models it takes down with them: those every replica of which has a part on it.
     for host in hosts.values():
         host["replicas"] = []
+        host["sole_models"] = []
     for replica in replicas:
         for node in replica["nodes"]:
             hosts[node["host"]]["replicas"].append(replica["name"])
+    for deployment in plan["deployments"]:
+        model = str(deployment["model"])
+        shared = None
+        for raw in deployment.get("replicas") or []:
+            on = {str(node) for node in (raw.get("placement") or {})}
+            shared = on if shared is None else shared & on
+        for name in sorted(shared or ()):
+            if name in hosts:
+                hosts[name]["sole_models"].append(model)
     try:
         backends = _edge.backends(plan, replicas, overrides)
         routes = _edge.routes(backends)

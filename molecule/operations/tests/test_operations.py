@@ -251,7 +251,9 @@ def _record(name: str, seconds: float, replicas: int = REPLICAS) -> None:
     # Lower bound: each replica waits for its longest stream (drain), restarts (the
     # stand-in's 1 s load plus Docker) and answers /health and a warm-up request.
     bound = replicas * (STREAM_TOKENS * 0.05 + 1 + 1)
-    REPORT[name] = {"seconds": round(seconds, 1), "replicas_x_drain_restart_warmup": bound}
+    # When it ended (the clock of the failures' times), so that a failed request can be placed.
+    REPORT[name] = {"seconds": round(seconds, 1), "replicas_x_drain_restart_warmup": bound,
+                    "ended": time.strftime("%H:%M:%S")}
 
 
 def started_at(host, node: str, replica: str) -> float:
@@ -341,6 +343,19 @@ def test_operations_lose_no_request(host, load) -> None:
     for (replica, rank), (_, _, where) in rebooted.items():
         if replica in on_node:
             assert started_at(host, where, replica) >= started - 1, f"{replica} rank {rank} on {where} did not restart"
+
+    # (d2) a reboot that would leave a model with no replica serving is refused before
+    # anything changes: the same fleet with one replica of the 8B, whose node is asked for.
+    models = gpu_host(host, node).ansible.get_variables()["aphrodite_models"]
+    single = [dict(m, replicas=1) if m.get("served_model_name") == MODEL else m for m in models]
+    sole = next(where for (replica, _), (_, _, where) in rebooted.items() if replica.endswith("8b-0"))
+    (EPHEMERAL / "sole.json").write_text(json.dumps({"aphrodite_models": single, "aphrodite_reboot_nodes": [sole]}))
+    boot = gpu_host(host, sole).check_output("cut -d ' ' -f 22 /proc/1/stat")
+    rc, seconds, out = playbook(PROJECT / "playbooks" / "reboot.yml", "-e", f"@{EPHEMERAL / 'sole.json'}")
+    assert rc != 0 and f"{sole} was not touched: every replica of meta-llama/Llama-3.1-8B-Instruct" in out, out
+    _record("refused_reboot", seconds, replicas=0)
+    assert gpu_host(host, sole).check_output("cut -d ' ' -f 22 /proc/1/stat") == boot, f"{sole} rebooted"
+    assert set(haproxy_states(host, {replica for replica, _ in rebooted}).values()) == {"UP"}
 
     # (e) an image that never becomes healthy: the canary fails and stays out; the rest serve.
     rc, seconds, out = playbook(PROJECT / "playbooks" / "rolling.yml", "-e", "aphrodite_rolling_action=upgrade",

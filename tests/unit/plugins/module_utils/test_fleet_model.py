@@ -129,6 +129,20 @@ def test_each_host_names_the_replicas_it_has_a_part_of():
     assert all(host["replicas"] == [] for host in model(plan())["hosts"].values())
 
 
+def test_each_host_names_the_models_its_maintenance_would_take_down():
+    # Both models have their only replica on gpu1; the 70B's on gpu2 as well.
+    hosts = model()["hosts"]
+    assert {name: hosts[name]["sole_models"] for name in hosts} == {
+        "gpu1": ["meta-llama/Llama-3.1-70B-Instruct", "BAAI/bge-m3"], "gpu2": ["meta-llama/Llama-3.1-70B-Instruct"],
+        "lb1": [], "lb2": [], "mon1": []}
+    # A second replica on the other node: neither host takes m/x down.  Two replicas that
+    # both span both nodes: either node's reboot takes m/y down all the same.
+    spread = plan(("m/x", [replica("x-0", {"gpu1": [0]}), replica("x-1", {"gpu2": [0]})]),
+                  ("m/y", [replica("y-0", {"gpu1": [1], "gpu2": [1]}), replica("y-1", {"gpu1": [2], "gpu2": [2]})]))
+    hosts = model(spread)["hosts"]
+    assert hosts["gpu1"]["sole_models"] == hosts["gpu2"]["sole_models"] == ["m/y"]
+
+
 def test_multi_node_master_port_defaults_to_the_planners():
     the_plan = plan(("m/x", [replica("x-0", {"gpu1": [0], "gpu2": [0]}, 2242, "--nnodes", "2")]))
     assert model(the_plan)["replicas"][0]["master_port"] == PORTS["engine_master"] == 29501
