@@ -1,6 +1,7 @@
 # Copyright: aphrodite.baremetal contributors
 # Apache License 2.0 (see LICENSE)
-"""The fast path's fingerprint of a run's inputs (documented in fleet_fingerprint.yml, fleet_inputs.yml)."""
+"""The fast path's fingerprint of a run's inputs (documented in fleet_fingerprint.yml, fleet_inputs.yml,
+fleet_inputs_refreshed.yml)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _raw(value: Any) -> Any:
     return value if isinstance(value, (bool, int, float, type(None))) else str(value)
 
 
-def _host_inputs(variables: Any, raw: Any = None) -> dict:
+def _facts_of(variables: Any, raw: Any = None) -> Mapping:
     try:
         # The facts as gathered, not templated: they are data, and templating the whole of
         # them (every mount and interface of a full fact cache) cost most of this filter's time.
@@ -52,7 +53,11 @@ def _host_inputs(variables: Any, raw: Any = None) -> dict:
         facts = source["ansible_facts"] if "ansible_facts" in source else {}
     except Exception:  # noqa: BLE001 - an unreadable fact cache entry is no input
         facts = {}
-    facts = facts if isinstance(facts, Mapping) else {}
+    return facts if isinstance(facts, Mapping) else {}
+
+
+def _host_inputs(variables: Any, raw: Any = None) -> dict:
+    facts = _facts_of(variables, raw)
     picked = {}
     for name in sorted(variables):
         if not is_input_variable(name, facts):
@@ -77,6 +82,29 @@ def fleet_inputs(hostvars: Any, hosts: Any, groups: Any, plan: Any = None) -> di
     if isinstance(hosts, str) or not hasattr(hosts, "__iter__"):
         raise AnsibleFilterError("fleet_inputs needs a list of hosts, for example groups['all']")
     return fingerprint_parts(_collect(hostvars, hosts)[0], groups, plan, code_digest(_COLLECTION_ROOT))
+
+
+def fleet_inputs_refreshed(inputs: Any, hostvars: Any, hosts: Any, plan: Any = None) -> dict:
+    """This run's inputs with the facts of ``hosts`` and the plan read again; see fleet_inputs_refreshed.yml."""
+    if not isinstance(inputs, Mapping):
+        raise AnsibleFilterError("fleet_inputs_refreshed needs this run's inputs (the fast path's decision's 'inputs')")
+    if isinstance(hosts, str) or not hasattr(hosts, "__iter__"):
+        raise AnsibleFilterError("fleet_inputs_refreshed needs a list of hosts whose facts changed")
+    facts = {}
+    for host in hosts:
+        try:
+            variables = hostvars[host]
+        except KeyError:
+            continue
+        raw = hostvars.raw_get(host) if hasattr(hostvars, "raw_get") else None
+        facts[str(host)] = {"facts": stable_facts(_facts_of(variables, raw))}
+    # Only these parts: the others were fingerprinted before the run set anything (groups
+    # made by group_by, facts set by tasks), as the next run will fingerprint them.
+    fresh = fingerprint_parts(facts, {}, plan, "")
+    refreshed = dict(inputs)
+    refreshed["engine plan"] = fresh["engine plan"]
+    refreshed.update({f"facts of {host}": fresh[f"facts of {host}"] for host in facts})
+    return refreshed
 
 
 def _collect(hostvars: Any, hosts: Any) -> tuple[dict, dict]:
@@ -168,4 +196,5 @@ class FilterModule:
 
     def filters(self) -> dict:
         return {"fleet_fingerprint": fleet_fingerprint, "fleet_inputs": fleet_inputs, "fast_path_verdict": fast_path_verdict,
-                "fast_path_decision": fast_path_decision, "fast_path_hosts": fast_path_hosts}
+                "fast_path_decision": fast_path_decision, "fast_path_hosts": fast_path_hosts,
+                "fleet_inputs_refreshed": fleet_inputs_refreshed}

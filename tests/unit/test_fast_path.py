@@ -384,6 +384,31 @@ def test_the_decision_for_the_fleet_names_why_hosts_run() -> None:
         flt.fast_path_hosts(["all"], None, hostvars)
 
 
+def test_inputs_refreshed_after_the_gpu_stage_change_only_those_facts_and_the_plan() -> None:
+    """After a driver install the GPU stage fingerprints again the re-read nodes' facts and the new
+    plan, and nothing the run set meanwhile (a group_by group, a set_fact): the record then equals
+    what the next run fingerprints at its start."""
+    from ansible_collections.aphrodite.baremetal.plugins.filter import converged as flt
+
+    groups = {"all": ["lb1", "gpu1", "gpu2"], "gpu_nodes": ["gpu1", "gpu2"]}
+    lspci = {"source": "lspci", "count": 8}
+    smi = {"source": "nvidia-smi", "count": 8, "driver_version": "550.90.07"}
+    before = {"lb1": {}, "gpu1": {"ansible_facts": {"aphrodite_gpus": lspci}},
+              "gpu2": {"ansible_facts": {"aphrodite_gpus": smi}}}
+    started = flt.fleet_inputs(before, groups["all"], groups, {"plan": "declared"})
+    # During the run: gpu1's driver installed, a group made and a fact set.
+    during = {"lb1": {}, "gpu1": {"ansible_facts": {"aphrodite_gpus": smi}, "nvidia_driver_reboot_pending": False},
+              "gpu2": {"ansible_facts": {"aphrodite_gpus": smi}}}
+    refreshed = flt.fleet_inputs_refreshed(started, during, ["gpu1"], {"plan": "gathered"})
+    changed = sorted(k for k in refreshed if refreshed[k] != started[k])
+    assert changed == ["engine plan", "facts of gpu1"]
+    # What the next run fingerprints at its start, with the facts as they now are.
+    after = {"lb1": {}, "gpu1": {"ansible_facts": {"aphrodite_gpus": smi}}, "gpu2": {"ansible_facts": {"aphrodite_gpus": smi}}}
+    assert refreshed == flt.fleet_inputs(after, groups["all"], groups, {"plan": "gathered"})
+    with pytest.raises(Exception, match="this run's inputs"):
+        flt.fleet_inputs_refreshed(None, during, ["gpu1"])
+
+
 def test_every_role_site_runs_declares_what_it_manages() -> None:
     entry_points = set()
     for _, play in _site_plays():
