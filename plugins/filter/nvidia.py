@@ -53,6 +53,13 @@ def _check_branch(branch: Any) -> str:
     return text
 
 
+def _newer(branch: str, than: str) -> bool:
+    try:
+        return int(branch) > int(than)
+    except ValueError:
+        return False
+
+
 def driver_state(gpus: Any, branch: Any, module_version: Any = None, installed_version: Any = None) -> dict:
     """What the driver role has to do on one host.
 
@@ -64,7 +71,8 @@ def driver_state(gpus: Any, branch: Any, module_version: Any = None, installed_v
     The loaded version is the kernel module's when known, else the one nvidia-smi
     reports.  ``action`` is ``none`` when the wanted branch is loaded and no other
     branch is installed (or the wanted branch is installed and only waits for a
-    reboot), ``install`` when no driver is loaded, ``change`` when another branch is.
+    reboot), ``install`` when no driver is loaded, ``change`` when another branch is,
+    ``downgrade`` when a newer branch's packages are installed (the role refuses it).
     """
     wanted = _check_branch(branch)
     if not isinstance(gpus, Mapping):
@@ -81,7 +89,12 @@ def driver_state(gpus: Any, branch: Any, module_version: Any = None, installed_v
     loaded_branch = branch_of(loaded)
     installed_branch = branch_of(installed)
 
-    if installed_branch not in (None, wanted):
+    if installed_branch not in (None, wanted) and _newer(installed_branch, wanted):
+        # apt keeps installed packages that satisfy the branch's meta package, so installing
+        # an older branch over them would change nothing (and a reboot would load the newer).
+        action = "downgrade"
+        reason = "branch {0} is installed ({1}), the older {2} is wanted".format(installed_branch, installed, wanted)
+    elif installed_branch not in (None, wanted):
         action = "change"
         reason = "branch {0} is installed, {1} is wanted".format(installed_branch, wanted)
     elif loaded_branch == wanted:

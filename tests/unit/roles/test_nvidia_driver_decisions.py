@@ -72,6 +72,9 @@ CASES = [
     ("570", "550.90.07", "570.133.20-1", "none", True),
     # Unattended upgrade inside the branch: libraries newer than the module.
     ("550", "550.90.07", "550.127.05-1", "none", True),
+    # Back to an older branch after an upgrade: refused, never a reboot into the same driver.
+    ("550", "570.172.08", "570.172.08-1", "downgrade", False),
+    ("550", "550.90.07", "570.172.08-1", "downgrade", True),
 ]
 
 
