@@ -96,7 +96,10 @@ def driver_state(gpus: Any, branch: Any, module_version: Any = None, installed_v
         reason = "branch {0} is installed ({1}), the older {2} is wanted".format(installed_branch, installed, wanted)
     elif installed_branch not in (None, wanted):
         action = "change"
-        reason = "branch {0} is installed, {1} is wanted".format(installed_branch, wanted)
+        if loaded_branch == installed_branch:
+            reason = "branch {0} is loaded ({1}), {2} is wanted".format(loaded_branch, loaded, wanted)
+        else:
+            reason = "branch {0} is installed, {1} is wanted".format(installed_branch, wanted)
     elif loaded_branch == wanted:
         action = "none"
         reason = "branch {0} is loaded ({1})".format(wanted, loaded)

@@ -114,6 +114,11 @@ def test_installed_but_not_loaded_waits_for_the_reboot(fixtures_dir):
 def test_reasons_name_both_branches(h100):
     state = driver_state(h100, "570")
     assert state["reason"] == "branch 550 is loaded (550.90.07), 570 is wanted"
+    # The same words when the packages of the loaded branch are installed (the usual upgrade).
+    state = driver_state(h100, "570", module_version="550.90.07", installed_version="550.90.07-1")
+    assert state["reason"] == "branch 550 is loaded (550.90.07), 570 is wanted"
+    state = driver_state(h100, "570", module_version="550.90.07", installed_version="535.216.01-1")
+    assert state["reason"] == "branch 535 is installed, 570 is wanted"
     assert driver_state(h100, "550")["reason"] == "branch 550 is loaded (550.90.07)"
 
 
