@@ -5,7 +5,7 @@ fleet_inputs_refreshed.yml)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,14 +90,8 @@ def fleet_inputs_refreshed(inputs: Any, hostvars: Any, hosts: Any, plan: Any = N
         raise AnsibleFilterError("fleet_inputs_refreshed needs this run's inputs (the fast path's decision's 'inputs')")
     if isinstance(hosts, str) or not hasattr(hosts, "__iter__"):
         raise AnsibleFilterError("fleet_inputs_refreshed needs a list of hosts whose facts changed")
-    facts = {}
-    for host in hosts:
-        try:
-            variables = hostvars[host]
-        except KeyError:
-            continue
-        raw = hostvars.raw_get(host) if hasattr(hostvars, "raw_get") else None
-        facts[str(host)] = {"facts": stable_facts(_facts_of(variables, raw))}
+    facts = {host: {"facts": stable_facts(_facts_of(variables, raw))}
+             for host, variables, raw in _lookups(hostvars, hosts)}
     # Only these parts: the others were fingerprinted before the run set anything (groups
     # made by group_by, facts set by tasks), as the next run will fingerprint them.
     fresh = fingerprint_parts(facts, {}, plan, "")
@@ -107,18 +101,24 @@ def fleet_inputs_refreshed(inputs: Any, hostvars: Any, hosts: Any, plan: Any = N
     return refreshed
 
 
-def _collect(hostvars: Any, hosts: Any) -> tuple[dict, dict]:
-    """Each host's inputs, and its variables as looked up for them (each lookup of
-    hostvars[host] computes all of the host's variables, so callers reuse these)."""
-    collected, looked_up = {}, {}
+def _lookups(hostvars: Any, hosts: Any) -> Iterator[tuple[str, Any, Any]]:
+    """``(host, variables, raw)`` of each of ``hosts`` in hostvars: its variables, and its
+    untemplated ones where hostvars offers them (the facts are read from those)."""
     for host in hosts:
         try:
             variables = hostvars[host]
         except KeyError:
             continue
-        raw = hostvars.raw_get(host) if hasattr(hostvars, "raw_get") else None
-        collected[str(host)] = _host_inputs(variables, raw)
-        looked_up[str(host)] = variables
+        yield str(host), variables, hostvars.raw_get(host) if hasattr(hostvars, "raw_get") else None
+
+
+def _collect(hostvars: Any, hosts: Any) -> tuple[dict, dict]:
+    """Each host's inputs, and its variables as looked up for them (each lookup of
+    hostvars[host] computes all of the host's variables, so callers reuse these)."""
+    collected, looked_up = {}, {}
+    for host, variables, raw in _lookups(hostvars, hosts):
+        collected[host] = _host_inputs(variables, raw)
+        looked_up[host] = variables
     return collected, looked_up
 
 

@@ -362,15 +362,13 @@ def fleet_model(plan: Optional[Mapping[str, Any]], hostvars: Mapping[str, Mappin
     for replica in replicas:
         for node in replica["nodes"]:
             hosts[node["host"]]["replicas"].append(replica["name"])
-    for deployment in plan["deployments"]:
-        model = str(deployment["model"])
-        shared = None
-        for raw in deployment.get("replicas") or []:
-            on = {str(node) for node in (raw.get("placement") or {})}
-            shared = on if shared is None else shared & on
-        for name in sorted(shared or ()):
-            if name in hosts:
-                hosts[name]["sole_models"].append(model)
+    shared: Dict[str, set] = {}
+    for replica in replicas:
+        on = {node["host"] for node in replica["nodes"]}
+        shared[replica["model"]] = shared.get(replica["model"], on) & on
+    for model, names in shared.items():
+        for name in sorted(names):
+            hosts[name]["sole_models"].append(model)
     try:
         backends = _edge.backends(plan, replicas, overrides)
         routes = _edge.routes(backends)

@@ -709,12 +709,7 @@ class _ModelPlanner:
         if len(heads) == 1:
             for host in sorted((h for h in self.hosts if h.host not in heads),
                                key=lambda h: -self.state.free_count[h.host]):
-                shape = self.single_node_shape(host)
-                if shape is None or self.state.free_count[host.host] < shape.tp:
-                    continue
-                block = _find_block(host, self.state.free[host.host], shape.tp)
-                if block is not None:
-                    self._add([(host, block)], shape)
+                if self._place_on(host):
                     return True
         heap = self._single_heap
         if heap is None:
@@ -727,17 +722,23 @@ class _ModelPlanner:
             if -neg_free != free:  # another model took GPUs since: requeue with the true count
                 heapq.heappush(heap, (-free, order, host))
                 continue
-            shape = self.single_node_shape(host)
             # Hosts only lose free GPUs, so a host that cannot take a replica now never will.
-            if shape is None or free < shape.tp:
+            if not self._place_on(host):
                 continue
-            block = _find_block(host, self.state.free[host.host], shape.tp)
-            if block is None:
-                continue
-            self._add([(host, block)], shape)
             heapq.heappush(heap, (-self.state.free_count[host.host], order, host))
             return True
         return False
+
+    def _place_on(self, host: HostGpus) -> bool:
+        """Place one single-node replica on ``host`` if its free GPUs hold one; ``False`` if not."""
+        shape = self.single_node_shape(host)
+        if shape is None or self.state.free_count[host.host] < shape.tp:
+            return False
+        block = _find_block(host, self.state.free[host.host], shape.tp)
+        if block is None:
+            return False
+        self._add([(host, block)], shape)
+        return True
 
     def _place_multi(self) -> bool:
         shape = self.multi_shape
